@@ -1,0 +1,6 @@
+"""Backbone wrappers: one module per model family, one uniform surface."""
+
+from .base import ROLES, Backbone, PackedSlice
+from .timm_vit import TINY_PRESETS, TimmViT
+
+__all__ = ["ROLES", "Backbone", "PackedSlice", "TimmViT", "TINY_PRESETS"]

@@ -1,0 +1,107 @@
+"""The uniform surface every backbone family offers to methods and tasks.
+
+A method is written once against :class:`Backbone`: it asks for blocks, for the
+linear layer playing a role in a block (``q k v qkv proj fc1 fc2``) and for the
+norms, and never needs to know which library built the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+ROLES = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class PackedSlice:
+    """A view into a packed projection: rows ``start:stop`` of ``linear.weight``.
+
+    timm fuses q/k/v into one ``qkv`` linear (3d x d); a method acting on ``q``
+    alone must update only its rows, never re-write the attention.
+    """
+
+    linear: nn.Linear
+    start: int
+    stop: int
+    name: str  # module name of the packed linear inside ``Backbone.model``
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+
+class Backbone(nn.Module):
+    """Base class: wraps one library model, kept untouched in type as ``self.model``."""
+
+    model: nn.Module
+    #: how the weights were obtained, printed at start and written to adapter.json
+    weights_source: str = "unknown"
+
+    # --- structure -----------------------------------------------------------------
+    @property
+    def blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        raise NotImplementedError
+
+    def module_name(self, block: int, role: str) -> str:
+        """Dotted name (inside ``self.model``) of the module for ``role`` in ``block``."""
+        raise NotImplementedError
+
+    def linear(self, block: int, role: str) -> nn.Linear | PackedSlice:
+        raise NotImplementedError
+
+    def norms(self, block: int) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def stem(self) -> nn.Module:
+        """The patch-embedding projection (a Conv2d for ViTs)."""
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        """The norm applied to the tokens after the last block."""
+        raise NotImplementedError
+
+    # --- compute ------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (B,3,H,W) -> normalised model input at the model's size."""
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised input -> (pooled features (B,D), token features (B,N,D))."""
+        raise NotImplementedError
+
+    # --- identity ------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        """class_path + init_args that rebuild this backbone (written to adapter.json)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """Digest of the base weights, to refuse adapters trained on other weights.
+
+        Each tensor contributes its name, shape and up to 4096 evenly strided
+        values, so the cost stays small on large models.
+        """
+        h = hashlib.sha256()
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+        return h.hexdigest()[:16]

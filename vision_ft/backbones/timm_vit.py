@@ -1,0 +1,222 @@
+"""timm Vision Transformers behind the :class:`~vision_ft.backbones.base.Backbone` surface."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BackboneError
+from .base import Backbone, PackedSlice
+
+log = logging.getLogger("vision_ft")
+
+#: Tiny architectures for tests and the offline sample: name -> (timm architecture, model args).
+TINY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit_test_tiny": (
+        "vit_tiny_patch16_224",
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0),
+    ),
+    "vit_test_small": (
+        "vit_tiny_patch16_224",
+        dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0),
+    ),
+}
+
+_ROLE_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+class TimmViT(Backbone):
+    """A timm ``VisionTransformer`` (any size, patch, image size), loaded from the hub,
+    from a local checkpoint, or randomly initialised.
+
+    Args:
+        name: timm architecture (``vit_base_patch16_224``, with optional ``.tag``) or a
+            tiny preset (``vit_test_tiny``, ``vit_test_small``).
+        pretrained: fetch timm's pretrained weights for ``name`` (needs hub access or
+            the hub cache).
+        checkpoint: local weights in timm's native form: a ``.safetensors`` /
+            ``.pth`` state dict or a folder holding ``model.safetensors`` (as written
+            by ``export``). Takes precedence over ``pretrained``.
+        img_size: input resolution; position embeddings are resampled by timm when
+            loading weights trained at another size.
+        model_args: extra keyword arguments for ``timm.create_model``.
+        drop_path_rate: stochastic depth.
+        grad_checkpointing: trade compute for activation memory.
+        init_seed: seed of the random initialisation when no weights are loaded, so the
+            frozen base is rebuilt identically when an adapter is loaded.
+    """
+
+    def __init__(
+        self,
+        name: str = "vit_base_patch16_224",
+        pretrained: bool = False,
+        checkpoint: str | None = None,
+        img_size: int | None = None,
+        model_args: dict[str, Any] | None = None,
+        drop_path_rate: float = 0.0,
+        grad_checkpointing: bool = False,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.pretrained = pretrained
+        self.checkpoint = checkpoint
+        self.img_size = img_size
+        self.model_args = dict(model_args or {})
+        self.drop_path_rate = drop_path_rate
+        self.grad_checkpointing = grad_checkpointing
+        self.init_seed = init_seed
+
+        arch, args = TINY_PRESETS.get(name, (name, {}))
+        args = {**args, **self.model_args}
+        if img_size is not None:
+            args["img_size"] = img_size
+        args["drop_path_rate"] = drop_path_rate
+        self.arch, self.create_args = arch, args
+        if arch.split(".")[0] not in timm.list_models():
+            raise BackboneError(
+                f"unknown timm architecture {name!r} (backbone.init_args.name); "
+                f"try e.g. vit_base_patch16_224 or a tiny preset {sorted(TINY_PRESETS)}"
+            )
+        self.model = self._build()
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        cfg = self.model.pretrained_cfg
+        self.mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+        self.input_size = tuple(self.model.patch_embed.img_size)
+
+    # --- loading -------------------------------------------------------------------
+    def _build(self) -> nn.Module:
+        arch, args = self.arch, self.create_args
+        if self.checkpoint:
+            path = _resolve_checkpoint(self.checkpoint)
+            try:
+                model = timm.create_model(
+                    arch, pretrained=True, num_classes=0,
+                    pretrained_cfg_overlay=dict(file=str(path), custom_load=False), **args,
+                )
+            except Exception as e:  # shape mismatch, missing keys, refused pickle
+                raise BackboneError(
+                    f"checkpoint {str(path)!r} does not fit backbone {self.name!r} "
+                    f"(backbone.init_args.checkpoint / name): {_first_line(e)}"
+                ) from None
+            self.weights_source = f"local checkpoint {path}"
+            return model
+        if self.pretrained:
+            try:
+                model = timm.create_model(arch, pretrained=True, num_classes=0, **args)
+            except Exception as e:  # hub unreachable, cache empty, no weights for this name
+                raise BackboneError(
+                    f"pretrained weights for {arch!r} are not reachable "
+                    f"({type(e).__name__}: {_first_line(e)}). Offline, set "
+                    "backbone.init_args.checkpoint=/path/to/weights.safetensors (timm state "
+                    "dict) or backbone.init_args.pretrained=false for random init."
+                ) from None
+            tag = model.pretrained_cfg.get("tag") or ""
+            self.weights_source = f"pretrained {arch}{'.' + tag if tag and '.' not in arch else ''} (timm hub)"
+            return model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            model = timm.create_model(arch, pretrained=False, num_classes=0, **args)
+        self.weights_source = (
+            f"random init (seed {self.init_seed}): no pretrained weights requested; set "
+            "backbone.init_args.checkpoint=... or backbone.init_args.pretrained=true with hub access"
+        )
+        return model
+
+    # --- structure -----------------------------------------------------------------
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    def module_name(self, block: int, role: str) -> str:
+        if role in ("q", "k", "v"):
+            role = "qkv"
+        if role not in _ROLE_PATHS:
+            raise KeyError(f"unknown role {role!r}; roles: q k v qkv proj fc1 fc2")
+        return f"blocks.{block}.{_ROLE_PATHS[role]}"
+
+    def linear(self, block: int, role: str) -> nn.Linear | PackedSlice:
+        lin = self.model.get_submodule(self.module_name(block, role))
+        if role in ("q", "k", "v"):
+            d = lin.out_features // 3
+            i = "qkv".index(role)
+            return PackedSlice(lin, i * d, (i + 1) * d, self.module_name(block, role))
+        return lin
+
+    def norms(self, block: int) -> dict[str, nn.Module]:
+        b = self.model.blocks[block]
+        return {"norm1": b.norm1, "norm2": b.norm2}
+
+    def stem(self) -> nn.Module:
+        return self.model.patch_embed.proj
+
+    def final_norm(self) -> nn.Module:
+        norm = self.model.norm
+        return self.model.fc_norm if isinstance(norm, nn.Identity) else norm
+
+    # --- compute -------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != self.input_size:
+            images = F.interpolate(images, size=self.input_size, mode="bilinear",
+                                   align_corners=False, antialias=True)
+        mean = images.new_tensor(self.mean).view(1, -1, 1, 1)
+        std = images.new_tensor(self.std).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model.forward_features(x)
+        pooled = self.model.forward_head(tokens, pre_logits=True)
+        return pooled, tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[0]
+
+    # --- identity ------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": dict(
+                name=self.name, pretrained=self.pretrained, checkpoint=self.checkpoint,
+                img_size=self.img_size, model_args=self.model_args,
+                drop_path_rate=self.drop_path_rate, grad_checkpointing=self.grad_checkpointing,
+                init_seed=self.init_seed,
+            ),
+        }
+
+    def native_args(self) -> dict[str, Any]:
+        """Architecture and kwargs for ``timm.create_model`` that rebuild ``self.model``."""
+        args = {k: v for k, v in self.create_args.items() if k != "drop_path_rate"}
+        return {"architecture": self.arch.split(".")[0], "model_args": args}
+
+
+def _resolve_checkpoint(checkpoint: str) -> Path:
+    path = Path(os.path.expanduser(checkpoint))
+    if path.is_dir():
+        for fname in ("model.safetensors", "pytorch_model.bin", "model.pth"):
+            if (path / fname).is_file():
+                return path / fname
+        raise BackboneError(
+            f"backbone.init_args.checkpoint={checkpoint!r} is a folder without "
+            "model.safetensors / pytorch_model.bin"
+        )
+    if not path.is_file():
+        raise BackboneError(f"backbone.init_args.checkpoint={checkpoint!r}: no such file")
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return " ".join(text[:2])[:300] if text else type(e).__name__

@@ -1,0 +1,142 @@
+"""``python -m vision_ft``: LightningCLI (fit / validate / test / predict) plus kit commands.
+
+    python -m vision_ft fit --config domains/medical.yaml [--model.init_args.method=lora ...]
+    python -m vision_ft methods --backbone vit_base_patch16_224 [--json]
+    python -m vision_ft export RUN_DIR --merge --out OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+from .errors import VisionFTError
+
+log = logging.getLogger("vision_ft")
+
+
+class VisionFTCLI(LightningCLI):
+    """LightningCLI whose ``fit`` also tests the trained weights and exports the run."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, test the final weights and add test metrics to adapter.json")
+        for key in ("num_classes", "class_names", "multilabel"):
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.interrupted:
+            return
+        cfg = self.config.get(self.subcommand, self.config)
+        if cfg.get("test_after_fit", True) and _has_test_data(self.datamodule):
+            trainer.test(self.model, datamodule=self.datamodule, verbose=True)
+        if trainer.is_global_zero:
+            _print_summary(self.model)
+
+
+def _has_test_data(datamodule: Any) -> bool:
+    return datamodule is not None and type(datamodule).test_dataloader is not pl.LightningDataModule.test_dataloader
+
+
+def _print_summary(task: Any) -> None:
+    from .export import ADAPTER_META
+
+    path = task.run_dir / ADAPTER_META
+    if not path.is_file():
+        return
+    meta = json.loads(path.read_text())
+    print("\n=== vision_ft run summary ===")
+    print(f"run dir         : {task.run_dir}")
+    print(f"backbone        : {meta['backbone']['init_args'].get('name')} — {meta['weights_source']}")
+    print(f"method          : {meta['method']} ({meta['trainable_params']:,} trainable backbone params "
+          f"+ {meta['head_params']:,} head)")
+    width = max((len(k) for k in meta["metrics"]), default=10)
+    for key, value in sorted(meta["metrics"].items()):
+        print(f"{key:<{width}} : {value:.4f}")
+    files = sorted(p.name for p in task.run_dir.iterdir() if p.suffix in (".png", ".json", ".safetensors"))
+    print(f"files           : {', '.join(files)}")
+
+
+def _cli(args: list[str]) -> None:
+    from .tasks import BaseTask
+
+    VisionFTCLI(
+        BaseTask, pl.LightningDataModule,
+        subclass_mode_model=True, subclass_mode_data=True,
+        args=args, seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+# --- kit commands ---------------------------------------------------------------------------
+def cmd_methods(argv: list[str]) -> int:
+    """Registered methods with their trainable-parameter counts on a real architecture."""
+    from .backbones import TimmViT
+    from .methods import registered
+
+    p = argparse.ArgumentParser(prog="vision_ft methods", description=cmd_methods.__doc__)
+    p.add_argument("--backbone", default="vit_base_patch16_224", help="timm architecture or tiny preset")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    a = p.parse_args(argv)
+    rows = []
+    for name, cls in registered().items():
+        backbone = TimmViT(a.backbone, pretrained=False)  # random weights: counts need no download
+        method = cls()
+        method.apply(backbone)
+        rows.append({"name": name, "trainable_params": method.trainable_parameters(backbone),
+                     "mergeable": cls.mergeable, "zero_init": cls.zero_init,
+                     "class_path": f"{cls.__module__}.{cls.__qualname__}"})
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        total = sum(p.numel() for p in TimmViT(a.backbone).model.parameters())
+        print(f"methods on {a.backbone} ({total:,} backbone parameters; head excluded)")
+        print(f"{'name':<10} {'trainable':>12} {'% of base':>10}  mergeable  zero-init")
+        for r in rows:
+            print(f"{r['name']:<10} {r['trainable_params']:>12,} {100 * r['trainable_params'] / total:>9.3f}%"
+                  f"  {str(r['mergeable']):<9}  {r['zero_init']}")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    """Export a run: merge the adapter into the base weights and write the native model."""
+    from .export import export_merged
+
+    p = argparse.ArgumentParser(prog="vision_ft export", description=cmd_export.__doc__)
+    p.add_argument("run_dir", help="run directory holding adapter.json + adapter.safetensors")
+    p.add_argument("--merge", action="store_true", help="fold the method into the base weights")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", default=None,
+                   help="local base weights, when the run used hub weights that are not reachable now")
+    a = p.parse_args(argv)
+    if not a.merge:
+        p.error("nothing to do: pass --merge (the run directory already holds the adapter itself)")
+    out = export_merged(a.run_dir, a.out, backbone={"checkpoint": a.checkpoint} if a.checkpoint else None)
+    print(f"merged model written to {out} (model.safetensors + config.json, timm native); "
+          f"load with timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"methods": cmd_methods, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("VISION_FT_LOGLEVEL", "INFO"), format="%(message)s")
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        _cli(argv)
+    except VisionFTError as e:
+        print(f"vision_ft: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Every error a user can cause by what they wrote (config, data, paths, adapters)
+is a :class:`VisionFTError`. The CLI prints its message without a traceback and
+exits with status 2; the message names the key or file to fix.
+"""
+
+from __future__ import annotations
+
+
+class VisionFTError(Exception):
+    """An error the user can fix; the message says how."""
+
+
+class ConfigError(VisionFTError, ValueError):
+    """A config value is unknown, missing or inconsistent."""
+
+
+class DataError(VisionFTError, ValueError):
+    """Data on disk is missing, malformed or inconsistent with the config."""
+
+
+class BackboneError(VisionFTError, RuntimeError):
+    """Backbone weights cannot be built or loaded as configured."""
+
+
+class AdapterError(VisionFTError, ValueError):
+    """An adapter or checkpoint does not fit the model it is loaded into."""

@@ -1,0 +1,150 @@
+"""Adapters on disk: save, load for inference, merge and export to the library's native form.
+
+A run directory holds ``adapter.safetensors`` (only what the method adds plus the
+task head, as safetensors) and ``adapter.json`` (task, method and its config,
+backbone spec and weight fingerprint, class names, final metrics). That pair is
+enough to rebuild the model: the frozen base comes from the backbone spec.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import AdapterError
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_META = "adapter.json"
+FORMAT_VERSION = 1
+
+
+# --- atomic writes ---------------------------------------------------------------------
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- save / load -----------------------------------------------------------------------
+def import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise AdapterError(f"cannot import {path!r} named in {ADAPTER_META}") from None
+
+
+def save_adapter(task: Any, run_dir: str | Path, metrics: dict[str, float] | None = None) -> Path:
+    """Write ``adapter.safetensors`` + ``adapter.json`` for ``task`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    meta = task.adapter_metadata()
+    meta.update(format_version=FORMAT_VERSION,
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                metrics=dict(metrics or {}))
+    atomic_save_safetensors(task.adapter_tensors(), run_dir / ADAPTER_WEIGHTS,
+                            metadata={"method": meta["method"], "format_version": str(FORMAT_VERSION)})
+    atomic_write_text(run_dir / ADAPTER_META, json.dumps(meta, indent=2, default=str) + "\n")
+    return run_dir
+
+
+def update_metrics(run_dir: str | Path, metrics: dict[str, float]) -> None:
+    path = Path(run_dir) / ADAPTER_META
+    meta = json.loads(path.read_text())
+    meta.setdefault("metrics", {}).update(metrics)
+    atomic_write_text(path, json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def read_metadata(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    path = run_dir / ADAPTER_META
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: is {str(run_dir)!r} a run directory written by `fit`?")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path} is not valid JSON ({e})") from None
+    for key in ("task", "method", "method_spec", "backbone"):
+        if key not in meta:
+            raise AdapterError(f"{path} lacks the key {key!r}; it was not written by vision_ft")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterError(f"{path} has format_version {meta['format_version']}; upgrade vision_ft")
+    return meta
+
+
+def load_adapter(run_dir: str | Path, backbone: dict[str, Any] | None = None,
+                 device: str | torch.device = "cpu") -> Any:
+    """Rebuild the trained model of a run for inference (eval mode).
+
+    Args:
+        run_dir: folder with ``adapter.json`` and ``adapter.safetensors``.
+        backbone: overrides for the backbone's init args, e.g.
+            ``{"checkpoint": "/weights/vit.safetensors"}`` when the run used hub weights.
+    """
+    run_dir = Path(run_dir)
+    meta = read_metadata(run_dir)
+    weights = run_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise AdapterError(f"{weights} not found")
+    task_cls = import_class(meta["task"])
+    task = task_cls.from_metadata(meta, backbone_overrides=backbone)
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # truncated or not safetensors
+        raise AdapterError(f"{weights} cannot be read as safetensors ({e})") from None
+    task.load_adapter_tensors(tensors)
+    return task.eval().to(device)
+
+
+# --- merge + native export -------------------------------------------------------------
+def export_merged(run_dir: str | Path, out_dir: str | Path,
+                  backbone: dict[str, Any] | None = None) -> Path:
+    """Merge the run's method into the base weights and write the library's native model.
+
+    For timm that is ``model.safetensors`` + ``config.json`` (timm's hub layout), loadable by
+    ``timm.create_model("local-dir:OUT")`` or ``timm.create_model(arch, num_classes=K, **model_args)``
+    followed by ``load_state_dict``.
+    """
+    task = load_adapter(run_dir, backbone=backbone)
+    method = task.method
+    if not method.mergeable:
+        raise AdapterError(
+            f"method {method.name!r} cannot be merged into the base weights; "
+            "use the adapter as is (vision_ft.load_adapter) instead of `export --merge`"
+        )
+    method.merge(task.backbone)
+    out = task.export_native(out_dir)
+    meta = read_metadata(run_dir)
+    meta.update(merged=True, exported_from=str(Path(run_dir).resolve()))
+    atomic_write_text(Path(out) / "vision_ft.json", json.dumps(meta, indent=2, default=str) + "\n")
+    return Path(out)

@@ -1,0 +1,15 @@
+"""PEFT methods: the protocol, the registry, and the methods themselves.
+
+Importing this package registers every built-in method.
+"""
+
+from .base import Method, has_prefix
+from .baselines import FullFineTuning, LinearProbe
+from .lora import LoRA
+from .registry import build_method, get_method_class, register, registered, unregister
+from .ssf import SSF
+
+__all__ = [
+    "Method", "has_prefix", "register", "registered", "unregister", "build_method",
+    "get_method_class", "LinearProbe", "FullFineTuning", "SSF", "LoRA",
+]

@@ -1,0 +1,241 @@
+"""What every task shares: backbone + method wiring, optimisation, lean checkpoints, run artifacts."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ..backbones import Backbone
+from ..errors import AdapterError, ConfigError
+from ..export import import_class, save_adapter
+from ..methods import Method, build_method
+
+log = logging.getLogger("vision_ft")
+
+
+class BaseTask(pl.LightningModule):
+    """Base LightningModule: owns the backbone, the PEFT method and the optimiser.
+
+    Args:
+        backbone: a :class:`~vision_ft.backbones.Backbone` (``class_path`` in YAML).
+        method: a registered method name (``ssf``, ``lora``, ``linear``, ``full``...)
+            or a ``class_path`` with ``init_args``.
+        lr: peak learning rate (after warm-up).
+        weight_decay: AdamW weight decay; 1-D parameters and those the method
+            exempts get none.
+        head_lr: learning rate of the task head (default: ``lr``).
+        optimizer: ``adamw`` or ``sgd`` (nesterov, momentum 0.9).
+        warmup_fraction: fraction of all optimiser steps spent in linear warm-up.
+        min_lr_ratio: cosine decays to ``lr * min_lr_ratio``.
+    """
+
+    #: dotted path written to adapter.json; subclasses inherit it
+    task_name = "base"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: Method | str = "ssf",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        head_lr: float | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        warmup_fraction: float = 0.1,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, Backbone):
+            raise ConfigError("model.init_args.backbone must be a vision_ft Backbone (class_path)")
+        self.backbone = backbone
+        self.base_fingerprint = backbone.fingerprint()
+        self.method = build_method(method)
+        self.method.apply(backbone)
+        self.lr, self.weight_decay, self.head_lr = lr, weight_decay, head_lr
+        self.optimizer_name, self.warmup_fraction, self.min_lr_ratio = optimizer, warmup_fraction, min_lr_ratio
+        self.strict_loading = False  # checkpoints hold the trainable state only
+        self.train_loss_epoch = MeanMetric()
+        self.history: dict[str, list[tuple[float, float]]] = {}
+
+    # --- subclasses ---------------------------------------------------------------------
+    def head_modules(self) -> dict[str, nn.Module]:
+        """Task-owned trainable modules (heads), saved with the adapter."""
+        return {}
+
+    def task_metadata(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], backbone_overrides: dict[str, Any] | None = None) -> "BaseTask":
+        spec = meta["backbone"]
+        init_args = {**spec.get("init_args", {}), **(backbone_overrides or {})}
+        backbone = import_class(spec["class_path"])(**init_args)
+        if backbone.fingerprint() != meta.get("backbone_fingerprint") and not backbone_overrides:
+            raise AdapterError(
+                f"the base weights rebuilt from {spec['init_args'].get('name')!r} differ from those the "
+                "adapter was trained on (fingerprint mismatch); pass the original weights via "
+                "backbone overrides (e.g. {'checkpoint': ...})"
+            )
+        return cls(backbone=backbone, method=meta["method_spec"], **meta.get("task_args", {}))
+
+    # --- what is trained and saved -----------------------------------------------------
+    def saved_key(self, key: str) -> bool:
+        """Whether a key of ``self.state_dict()`` belongs in checkpoints and adapters."""
+        if key.startswith("backbone.model."):
+            return self.method.is_saved(key[len("backbone.model."):])
+        return any(key.startswith(f"{name}.") for name in self.head_modules())
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"backbone.model.{k}": v for k, v in self.method.adapter_state_dict(self.backbone).items()}
+        for name, module in self.head_modules().items():
+            out.update({f"{name}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+        return out
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        prefix = "backbone.model."
+        self.method.load_adapter(self.backbone, {k[len(prefix):]: v for k, v in tensors.items()
+                                                 if k.startswith(prefix)})
+        for name, module in self.head_modules().items():
+            sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+            try:
+                module.load_state_dict(sub, strict=True)
+            except RuntimeError as e:
+                raise AdapterError(f"adapter {name} does not fit this task: {str(e).splitlines()[0]} "
+                                   "(different number of classes?)") from None
+
+    def adapter_metadata(self) -> dict[str, Any]:
+        return {
+            "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            "method": self.method.name,
+            "method_spec": self.method.spec(),
+            "method_version": self.method.version,
+            "backbone": self.backbone.spec(),
+            "backbone_fingerprint": self.base_fingerprint,
+            "weights_source": self.backbone.weights_source,
+            "trainable_params": self.method.trainable_parameters(self.backbone),
+            "head_params": sum(p.numel() for m in self.head_modules().values() for p in m.parameters()),
+            **self.task_metadata(),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.saved_key(k)}
+        checkpoint["vision_ft"] = {k: v for k, v in self.adapter_metadata().items()
+                                   if k in ("method", "method_spec", "method_version", "backbone",
+                                            "backbone_fingerprint")}
+        checkpoint["vision_ft"]["history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("vision_ft")
+        if info is None:
+            raise AdapterError("checkpoint was not written by vision_ft (no 'vision_ft' section)")
+        if info["method"] != self.method.name or info.get("method_version") != self.method.version:
+            raise AdapterError(f"checkpoint is for method {info['method']!r} v{info.get('method_version')}, "
+                               f"this model uses {self.method.name!r} v{self.method.version}")
+        if info["backbone_fingerprint"] != self.base_fingerprint:
+            raise AdapterError(
+                f"checkpoint was trained on other base weights ({info['backbone']['init_args'].get('name')!r}, "
+                f"fingerprint {info['backbone_fingerprint']} != {self.base_fingerprint}); "
+                "set model.init_args.backbone to the backbone it was trained with"
+            )
+        own = {k: v.shape for k, v in self.state_dict().items() if self.saved_key(k)}
+        theirs = checkpoint["state_dict"]
+        missing, extra = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+        bad = sorted(k for k in set(own) & set(theirs) if tuple(own[k]) != tuple(theirs[k].shape))
+        if missing or extra or bad:
+            first = (missing or extra or bad)[0]
+            raise AdapterError(f"checkpoint does not fit this model: {len(missing)} missing, {len(extra)} "
+                               f"unexpected, {len(bad)} misshapen tensors (first: {first})")
+        self.history = info.get("history", {})
+
+    # --- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.backbone.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if self.method.no_weight_decay(name, p) else decay).append(p)
+        head_decay, head_no_decay = [], []
+        for module in self.head_modules().values():
+            for p in module.parameters():
+                if p.requires_grad:
+                    (head_no_decay if p.ndim <= 1 else head_decay).append(p)
+        head_lr = self.head_lr or self.lr
+        groups = [g for g in (
+            {"params": decay, "weight_decay": self.weight_decay, "lr": self.lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": self.lr},
+            {"params": head_decay, "weight_decay": self.weight_decay, "lr": head_lr},
+            {"params": head_no_decay, "weight_decay": 0.0, "lr": head_lr},
+        ) if g["params"]]
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9, nesterov=True)
+        else:
+            opt = torch.optim.AdamW(groups, lr=self.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup_fraction * total)
+        floor = self.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def add_regularizers(self, loss: torch.Tensor, outputs: Any, batch: Any) -> torch.Tensor:
+        for name, value in self.method.regularizer(outputs, batch).items():
+            self.log(f"train/reg_{name}", value)
+            loss = loss + value
+        return loss
+
+    # --- history and artifacts ---------------------------------------------------------
+    def record(self, key: str, value: float, x: float | None = None) -> None:
+        x = float(self.current_epoch) if x is None else x
+        self.history.setdefault(key, []).append((x, float(value)))
+
+    def on_fit_start(self) -> None:
+        trainable = self.method.trainable_parameters(self.backbone)
+        heads = sum(p.numel() for m in self.head_modules().values() for p in m.parameters())
+        rank_zero_info(f"[vision_ft] backbone weights: {self.backbone.weights_source}")
+        rank_zero_info(f"[vision_ft] method {self.method!r}: {trainable:,} trainable backbone "
+                       f"parameters + {heads:,} head parameters")
+
+    def on_train_epoch_end(self) -> None:
+        if self.train_loss_epoch.update_called:
+            self.record("train/loss", self.train_loss_epoch.compute().item())
+        self.train_loss_epoch.reset()
+
+    def on_validation_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        for key, value in self.trainer.callback_metrics.items():
+            if key.startswith("val/") and value.numel() == 1:
+                self.record(key, value.item())
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def final_metrics(self, prefix: str) -> dict[str, float]:
+        return {k: round(float(v), 6) for k, v in self.trainer.callback_metrics.items()
+                if k.startswith(prefix) and v.numel() == 1}
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            out = save_adapter(self, self.run_dir, self.final_metrics("val/"))
+            self.write_plots(out)
+            rank_zero_info(f"[vision_ft] adapter written to {out}")
+
+    def write_plots(self, run_dir: Path) -> None:
+        """Subclasses add their plots; the base writes the curves."""
+        from ..plots import plot_curves
+
+        if self.history:
+            plot_curves(self.history, run_dir / "curves.png", title=f"{self.method.name}")

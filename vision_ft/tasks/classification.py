@@ -1,0 +1,241 @@
+"""Image classification: single-label (cross-entropy) and multi-label (BCE, per-label AUROC)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy, MulticlassAUROC, MulticlassConfusionMatrix, MulticlassF1Score,
+    MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score,
+)
+
+from ..backbones import Backbone
+from ..export import atomic_save_safetensors, atomic_write_text, update_metrics
+from ..methods import Method
+from ..plots import plot_confusion_matrix, plot_per_label
+from .base import BaseTask
+
+
+class ImageClassificationTask(BaseTask):
+    """A backbone + PEFT method + linear head on pooled features.
+
+    Args:
+        num_classes: number of classes (labels, when multi-label); linked from the data.
+        class_names: names in label order; linked from the data.
+        multilabel: independent sigmoid per label with BCE (MedMNIST-Chest style).
+        label_smoothing: cross-entropy label smoothing (single-label only).
+        head_dropout: dropout before the head.
+        (see :class:`BaseTask` for backbone, method and optimiser arguments)
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: Method | str = "ssf",
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        multilabel: bool = False,
+        label_smoothing: float = 0.0,
+        head_dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        head_lr: float | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        warmup_fraction: float = 0.1,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr,
+                         optimizer=optimizer, warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio)
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.multilabel = multilabel
+        self.label_smoothing = label_smoothing
+        self.head_dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(backbone.embed_dim, self.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.val_metrics = self._metrics("val/")
+        self.test_metrics = self._metrics("test/")
+        if multilabel:
+            self.test_auroc_per_label = MultilabelAUROC(num_labels=self.num_classes, average=None)
+        else:
+            self.test_confusion = MulticlassConfusionMatrix(num_classes=self.num_classes)
+
+    def _metrics(self, prefix: str) -> MetricCollection:
+        k = self.num_classes
+        if self.multilabel:
+            m = {"acc": MultilabelAccuracy(num_labels=k), "f1": MultilabelF1Score(num_labels=k, average="macro"),
+                 "auroc": MultilabelAUROC(num_labels=k, average="macro")}
+        else:
+            m = {"acc": MulticlassAccuracy(num_classes=k, average="micro"),
+                 "f1": MulticlassF1Score(num_classes=k, average="macro"),
+                 "auroc": MulticlassAUROC(num_classes=k, average="macro")}
+        return MetricCollection(m, prefix=prefix)
+
+    # --- model -------------------------------------------------------------------------
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {"head": self.head}
+
+    def task_metadata(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "class_names": self.class_names,
+                "multilabel": self.multilabel,
+                "task_args": {"num_classes": self.num_classes, "class_names": self.class_names,
+                              "multilabel": self.multilabel}}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (B,3,H,W) -> logits (B, num_classes)."""
+        pooled, _ = self.backbone.features(self.backbone.preprocess(images))
+        return self.head(self.head_dropout(pooled))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.sigmoid() if self.multilabel else logits.softmax(-1)
+
+    # --- steps -------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.add_regularizers(self.loss(logits, batch["label"]), logits, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True)
+        self.train_loss_epoch.update(loss.detach())
+        if self.global_step % 10 == 0:
+            steps = max(1, self.trainer.num_training_batches)
+            self.record("train/loss_step", loss.item(), x=self.current_epoch + batch_idx / steps)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, stage: str):
+        logits = self(batch["image"])
+        labels = batch["label"]
+        self.log(f"{stage}/loss", self.loss(logits, labels), sync_dist=True)
+        probs = self.probabilities(logits)
+        metrics.update(probs, labels.int() if self.multilabel else labels)
+        self.log_dict(metrics, prog_bar=stage == "val")
+        return probs, labels
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        probs, labels = self._eval_step(batch, self.test_metrics, "test")
+        if self.multilabel:
+            self.test_auroc_per_label.update(probs, labels.int())
+        else:
+            self.test_confusion.update(probs.argmax(-1), labels)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = self.probabilities(self(batch["image"]))
+        return {"probs": probs, "pred": (probs > 0.5).int() if self.multilabel else probs.argmax(-1)}
+
+    def on_test_epoch_end(self) -> None:
+        if self.multilabel:
+            per_label = self.test_auroc_per_label.compute().cpu().numpy()
+            self.test_auroc_per_label.reset()
+            self._test_extra = ("auroc", per_label)
+        else:
+            matrix = self.test_confusion.compute().cpu().numpy()
+            self.test_confusion.reset()
+            self._test_extra = ("confusion", matrix)
+
+    def on_test_end(self) -> None:
+        """After testing a trained run: add test metrics to adapter.json, plot the test results."""
+        if not self.trainer.is_global_zero or not hasattr(self, "_test_extra"):
+            return
+        run_dir = self.run_dir
+        kind, value = self._test_extra
+        if kind == "confusion":
+            plot_confusion_matrix(value, self.class_names, run_dir / "confusion_matrix.png",
+                                  title="confusion matrix (test)")
+        else:
+            plot_per_label(value, self.class_names, run_dir / "per_label_auroc.png")
+        if (run_dir / "adapter.json").is_file():
+            metrics = self.final_metrics("test/")
+            if kind == "auroc":
+                metrics.update({f"test/auroc_{n}": round(float(v), 6) for n, v in zip(self.class_names, value)})
+            update_metrics(run_dir, metrics)
+            rank_zero_info(f"[vision_ft] test metrics added to {run_dir / 'adapter.json'}")
+
+    # --- inference ---------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_images(self, images: Sequence[str | Path | Image.Image] | torch.Tensor,
+                       batch_size: int = 32) -> list[dict[str, Any]]:
+        """Class probabilities for image files, PIL images or a (B,3,H,W) tensor in [0, 1].
+
+        Returns one dict per image: ``label`` (top class or the positive labels) and
+        ``probs`` (name -> probability).
+        """
+        self.eval()
+        if isinstance(images, torch.Tensor):
+            batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        else:
+            size = self.backbone.input_size
+            tensors = [_image_tensor(im, size) for im in images]
+            batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
+        out = []
+        for b in batches:
+            probs = self.probabilities(self(b.to(self.device).float())).cpu()
+            for row in probs:
+                named = {n: float(p) for n, p in zip(self.class_names, row)}
+                label = ([n for n, p in named.items() if p > 0.5] if self.multilabel
+                         else self.class_names[int(row.argmax())])
+                out.append({"label": label, "probs": named})
+        return out
+
+    # --- artifacts -----------------------------------------------------------------------
+    def export_native(self, out_dir: str | Path) -> Path:
+        """Write the (merged) backbone + head as a timm model folder (``model.safetensors`` + ``config.json``)."""
+        import timm
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model = self.backbone.model
+        native = self.backbone.native_args()
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        leftovers = [k for k in state if self.method.prefix and self.method.prefix in k]
+        if leftovers:
+            raise RuntimeError(f"merge left method tensors behind: {leftovers[:3]}")
+        atomic_save_safetensors(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+        cfg = dict(model.pretrained_cfg)
+        cfg.update(architecture=native["architecture"], num_classes=self.num_classes,
+                   label_names=self.class_names)
+        cfg.pop("url", None)
+        cfg.pop("hf_hub_id", None)
+        cfg.pop("file", None)
+        config = {"architecture": native["architecture"], "num_classes": self.num_classes,
+                  "num_features": self.backbone.embed_dim, "global_pool": getattr(model, "global_pool", "token"),
+                  "model_args": native["model_args"], "pretrained_cfg": cfg,
+                  "label_names": self.class_names, "timm_version": timm.__version__}
+        import json
+
+        atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, default=list) + "\n")
+        return out_dir
+
+
+
+def _image_tensor(image: str | Path | Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """A file path or PIL image -> (3,H,W) float tensor in [0, 1] at ``size``."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        arr = np.asarray(image, dtype=np.float32)
+        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-8)
+        image = Image.fromarray((arr * 255).astype(np.uint8))
+    image = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+    return pil_to_tensor(image).float() / 255.0
