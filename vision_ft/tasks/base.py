@@ -155,7 +155,8 @@ class BaseTask(pl.LightningModule):
         self.history = info.get("history", {})
 
     # --- optimisation -------------------------------------------------------------------
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups: backbone/head x decay/no-decay (1-D and method-exempt tensors)."""
         decay, no_decay = [], []
         for name, p in self.backbone.model.named_parameters():
             if p.requires_grad:
@@ -172,6 +173,10 @@ class BaseTask(pl.LightningModule):
             {"params": head_decay, "weight_decay": self.weight_decay, "lr": head_lr},
             {"params": head_no_decay, "weight_decay": 0.0, "lr": head_lr},
         ) if g["params"]]
+        return groups
+
+    def configure_optimizers(self):
+        groups = self.param_groups()
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9, nesterov=True)
         else:
