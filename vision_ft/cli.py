@@ -136,7 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         _cli(argv)
-    except VisionFTError as e:
-        print(f"vision_ft: error: {e}", file=sys.stderr)
+    except Exception as e:  # user errors surface wrapped by jsonargparse during instantiation
+        user_error = _find_user_error(e)
+        if user_error is None:
+            raise
+        print(f"vision_ft: error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _find_user_error(e: BaseException | None) -> VisionFTError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, VisionFTError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

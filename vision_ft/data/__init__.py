@@ -1,0 +1,29 @@
+"""Data modules for the formats people already have.
+
+- :class:`ClassificationData`: the shared base (batches, splits, few-shot, corrupt policy).
+- :class:`ImageFolderData`: ``root/<split>/<class>/<image>``.
+- :class:`CSVManifestData`: ``path,label`` CSV manifests.
+- :class:`MedMNISTData`: MedMNIST-style ``.npz`` arrays (single- or multi-label).
+- :class:`FewShotSplit`: CoOp-style k-shot draws written to and reused from JSON.
+"""
+
+from .base import ClassificationData
+from .few_shot import FewShotSplit, sample_indices
+from .folder import CSVManifestData, ImageFolderData
+from .npz import MedMNISTData, npz_headers
+from .samples import ArraySamples, FileSamples, ImageDataset, Samples, to_tensor
+
+__all__ = [
+    "ArraySamples",
+    "CSVManifestData",
+    "ClassificationData",
+    "FewShotSplit",
+    "FileSamples",
+    "ImageDataset",
+    "ImageFolderData",
+    "MedMNISTData",
+    "Samples",
+    "npz_headers",
+    "sample_indices",
+    "to_tensor",
+]
