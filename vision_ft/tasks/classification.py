@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -228,14 +227,10 @@ class ImageClassificationTask(BaseTask):
 
 
 def _image_tensor(image: str | Path | Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """A file path or PIL image -> (3,H,W) float tensor in [0, 1] at ``size``."""
-    from torchvision.transforms.functional import pil_to_tensor
+    """A file path or PIL image (any mode: gray, RGBA, 16-bit) -> (3,H,W) float in [0, 1]."""
+    from ..data.samples import pil_to_array, to_tensor
 
     if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    if image.mode.startswith("I;16") or image.mode == "I":
-        arr = np.asarray(image, dtype=np.float32)
-        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-8)
-        image = Image.fromarray((arr * 255).astype(np.uint8))
-    image = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-    return pil_to_tensor(image).float() / 255.0
+        with Image.open(image) as im:
+            image = im.copy()
+    return to_tensor(pil_to_array(image), size[0])
