@@ -53,16 +53,17 @@ def _print_summary(task: Any) -> None:
     if not path.is_file():
         return
     meta = json.loads(path.read_text())
+    rows = [("run dir", str(task.run_dir)),
+            ("backbone", f"{meta['backbone']['init_args'].get('name')}: {meta['weights_source']}"),
+            ("method", f"{meta['method']} ({meta['trainable_params']:,} trainable backbone params "
+                       f"+ {meta['head_params']:,} head)")]
+    rows += [(k, f"{v:.4f}") for k, v in sorted(meta["metrics"].items())]
+    width = max(len(k) for k, _ in rows)
     print("\n=== vision_ft run summary ===")
-    print(f"run dir         : {task.run_dir}")
-    print(f"backbone        : {meta['backbone']['init_args'].get('name')} — {meta['weights_source']}")
-    print(f"method          : {meta['method']} ({meta['trainable_params']:,} trainable backbone params "
-          f"+ {meta['head_params']:,} head)")
-    width = max((len(k) for k in meta["metrics"]), default=10)
-    for key, value in sorted(meta["metrics"].items()):
-        print(f"{key:<{width}} : {value:.4f}")
+    for key, value in rows:
+        print(f"{key:<{width}} : {value}")
     files = sorted(p.name for p in task.run_dir.iterdir() if p.suffix in (".png", ".json", ".safetensors"))
-    print(f"files           : {', '.join(files)}")
+    print(f"{'files':<{width}} : {', '.join(files)}")
 
 
 def _cli(args: list[str]) -> None:
