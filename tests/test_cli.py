@@ -102,6 +102,10 @@ def test_resume_continues_the_schedule_and_matches_an_uninterrupted_run(tmp_path
     assert all("ssf_" in k or k.startswith("head.") for k in ckpt["state_dict"]), "frozen backbone in checkpoint"
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 8
     assert _fit(b, *common, f"--ckpt_path={last}") == 0
+    # the lean checkpoint also serves `test` (the frozen backbone is rebuilt from the config)
+    assert main(["test", "--config", MEDICAL, "--config", TINY, f"--ckpt_path={last}",
+                 f"--trainer.logger.init_args.save_dir={tmp_path / 't'}",
+                 f"--data.init_args.sample_dir={b / 'sample'}", "--trainer.enable_progress_bar=false"]) == 0
     wa = load_file(_run_dir(a) / "adapter.safetensors")
     wb = load_file(_run_dir(b) / "adapter.safetensors")
     for k in wa:

@@ -66,7 +66,7 @@ def _print_summary(task: Any) -> None:
     print(f"{'files':<{width}} : {', '.join(files)}")
 
 
-def _cli(args: list[str]) -> None:
+def _cli(args: list[str] | None) -> None:
     from .tasks import BaseTask
 
     VisionFTCLI(
@@ -131,12 +131,13 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {"methods": cmd_methods, "expo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("VISION_FT_LOGLEVEL", "INFO"), format="%(message)s")
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
-        _cli(argv)
+        _cli(None if from_sys else argv)  # LightningCLI reads sys.argv itself
     except Exception as e:  # user errors surface wrapped by jsonargparse during instantiation
         user_error = _find_user_error(e)
         if user_error is None:
