@@ -93,7 +93,10 @@ def cmd_methods(argv: list[str]) -> int:
         backbone = TimmViT(a.backbone, pretrained=False)  # random weights: counts need no download
         method = cls()
         method.apply(backbone)
-        rows.append({"name": name, "trainable_params": method.trainable_parameters(backbone),
+        count = method.trainable_parameters(backbone)
+        if cls.requires_data:  # what is added is decided from data in prepare(): report the plan
+            count = method.nominal_trainable_parameters(backbone)
+        rows.append({"name": name, "trainable_params": count, "data_dependent": cls.requires_data,
                      "mergeable": cls.mergeable, "zero_init": cls.zero_init,
                      "class_path": f"{cls.__module__}.{cls.__qualname__}"})
     if a.json:
@@ -101,10 +104,13 @@ def cmd_methods(argv: list[str]) -> int:
     else:
         total = sum(p.numel() for p in TimmViT(a.backbone).model.parameters())
         print(f"methods on {a.backbone} ({total:,} backbone parameters; head excluded)")
-        print(f"{'name':<10} {'trainable':>12} {'% of base':>10}  mergeable  zero-init")
+        print(f"{'name':<12} {'trainable':>12} {'% of base':>10}  mergeable  zero-init")
         for r in rows:
-            print(f"{r['name']:<10} {r['trainable_params']:>12,} {100 * r['trainable_params'] / total:>9.3f}%"
-                  f"  {str(r['mergeable']):<9}  {r['zero_init']}")
+            n = r["trainable_params"] or 0
+            star = "*" if r["data_dependent"] else " "
+            print(f"{r['name']:<12} {n:>12,}{star}{100 * n / total:>9.3f}%  {str(r['mergeable']):<9}  {r['zero_init']}")
+        if any(r["data_dependent"] for r in rows):
+            print("* decided from training data in prepare(); the planned budget is shown")
     return 0
 
 

@@ -43,9 +43,13 @@ class Method:
     zero_init: ClassVar[bool] = False
     #: version of the adapter layout; bump when saved tensors change meaning
     version: ClassVar[int] = 1
+    #: whether :meth:`prepare` needs training data to decide what to add (e.g. SPT)
+    requires_data: ClassVar[bool] = False
 
     applied: bool = False
     merged: bool = False
+    #: set once :meth:`prepare` ran or its result was restored by :meth:`load_adapter`
+    prepared: bool = False
 
     # --- life cycle -----------------------------------------------------------------
     def apply(self, backbone: Backbone) -> None:
@@ -53,11 +57,35 @@ class Method:
         raise NotImplementedError
 
     def prepare(self, task: Any, datamodule: Any) -> None:
-        """Data-dependent set-up before training (default: nothing)."""
+        """Data-dependent set-up before training (default: nothing).
 
-    def regularizer(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
-        """Named extra losses, added to the task loss and logged (default: none)."""
+        Called by the task in ``setup("fit")``: after the datamodule is set up and
+        before the optimiser is built, so parameters created here are trained. Not
+        called when resuming from a checkpoint (the result is restored by
+        :meth:`load_adapter` instead). Must be deterministic given the seed.
+        """
+        self.prepared = True
+
+    def adjust_loss(self, loss: torch.Tensor, outputs: dict[str, Any], batch: Any) -> torch.Tensor:
+        """Replace the task loss where the method changes it (default: unchanged)."""
+        return loss
+
+    def regularizer(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
+        """Named extra losses, added to the task loss and logged as ``train/<name>``.
+
+        ``outputs`` holds ``logits``, ``features`` (pooled), ``inputs`` (the
+        normalised images) and ``task`` (the LightningModule, for methods that need
+        a second forward or the head). Name losses with the method's prefix
+        (``pego_orth``). Default: none.
+        """
         return {}
+
+    def on_train_end(self, task: Any) -> None:
+        """End of training, before the adapter is written (e.g. MoSA folds its experts)."""
+
+    def nominal_trainable_parameters(self, backbone: Backbone) -> int | None:
+        """For ``requires_data`` methods: the count planned before seeing data (the budget)."""
+        return None
 
     def merge(self, backbone: Backbone) -> None:
         """Fold the method into the base weights so the model is the plain library model."""

@@ -131,6 +131,11 @@ class BaseTask(pl.LightningModule):
                                             "backbone_fingerprint")}
         checkpoint["vision_ft"]["history"] = self.history
 
+    def setup(self, stage: str) -> None:
+        """Run the method's data-dependent preparation once, before the optimiser exists."""
+        if stage == "fit" and not self.method.prepared and self.trainer.ckpt_path is None:
+            self.method.prepare(self, self.trainer.datamodule)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("vision_ft")
         if info is None:
@@ -144,6 +149,11 @@ class BaseTask(pl.LightningModule):
                 f"fingerprint {info['backbone_fingerprint']} != {self.base_fingerprint}); "
                 "set model.init_args.backbone to the backbone it was trained with"
             )
+        # the method rebuilds what it created from data (e.g. SPT's allocation) and checks shapes
+        prefix = "backbone.model."
+        self.method.load_adapter(self.backbone, {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
+                                                 if k.startswith(prefix)})
+        self.method.prepared = True
         own = {k: v.shape for k, v in self.state_dict().items() if self.saved_key(k)}
         theirs = checkpoint["state_dict"]
         missing, extra = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
@@ -194,9 +204,12 @@ class BaseTask(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def add_regularizers(self, loss: torch.Tensor, outputs: Any, batch: Any) -> torch.Tensor:
+    def add_regularizers(self, loss: torch.Tensor, outputs: dict[str, Any], batch: Any) -> torch.Tensor:
+        """The method's loss adjustment and named regularisers, each logged as ``train/<name>``."""
+        outputs = {**outputs, "task": self}
+        loss = self.method.adjust_loss(loss, outputs, batch)
         for name, value in self.method.regularizer(outputs, batch).items():
-            self.log(f"train/reg_{name}", value)
+            self.log(f"train/{name}", value)
             loss = loss + value
         return loss
 
@@ -233,6 +246,7 @@ class BaseTask(pl.LightningModule):
                 if k.startswith(prefix) and v.numel() == 1}
 
     def on_train_end(self) -> None:
+        self.method.on_train_end(self)
         if self.trainer.is_global_zero:
             out = save_adapter(self, self.run_dir, self.final_metrics("val/"))
             self.write_plots(out)

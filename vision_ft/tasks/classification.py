@@ -93,8 +93,13 @@ class ImageClassificationTask(BaseTask):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (B,3,H,W) -> logits (B, num_classes)."""
-        pooled, _ = self.backbone.features(self.backbone.preprocess(images))
-        return self.head(self.head_dropout(pooled))
+        return self.forward_outputs(images)["logits"]
+
+    def forward_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits plus what methods' regularisers may need: pooled features and model inputs."""
+        inputs = self.backbone.preprocess(images)
+        pooled, _ = self.backbone.features(inputs)
+        return {"logits": self.head(self.head_dropout(pooled)), "features": pooled, "inputs": inputs}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.multilabel:
@@ -106,8 +111,9 @@ class ImageClassificationTask(BaseTask):
 
     # --- steps -------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
-        loss = self.add_regularizers(self.loss(logits, batch["label"]), logits, batch)
+        outputs = self.forward_outputs(batch["image"])
+        logits = outputs["logits"]
+        loss = self.add_regularizers(self.loss(logits, batch["label"]), outputs, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
