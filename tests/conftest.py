@@ -19,8 +19,26 @@ def tiny_backbone():
     return TimmViT("vit_test_tiny")
 
 
-def make_task(method="ssf", num_classes=3, name="vit_test_tiny", **kw):
+class TinyData:
+    """A stand-in datamodule for methods whose prepare() reads training data (no disk)."""
+
+    def __init__(self, num_classes=3, n=48, size=32, batch_size=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.num_classes = num_classes
+        self.items = [{"image": torch.rand(3, size, size, generator=g), "label": torch.tensor(i % num_classes)}
+                      for i in range(n)]
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.items, batch_size=self.batch_size, shuffle=False)
+
+
+def make_task(method="ssf", num_classes=3, name="vit_test_tiny", prepare=True, **kw):
+    """A classification task on a tiny ViT; data-dependent methods are prepared on TinyData."""
     from vision_ft.backbones import TimmViT
     from vision_ft.tasks import ImageClassificationTask
 
-    return ImageClassificationTask(TimmViT(name), method=method, num_classes=num_classes, **kw)
+    task = ImageClassificationTask(TimmViT(name), method=method, num_classes=num_classes, **kw)
+    if prepare and task.method.requires_data:
+        task.method.prepare(task, TinyData(num_classes=num_classes))
+    return task
