@@ -12,6 +12,12 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp_dir(tmp_path, monkeypatch):
+    """Runs write relative paths (runs/, data/, checkpoints/): keep them out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def tiny_backbone():
     from vision_ft.backbones import TimmViT

@@ -25,7 +25,9 @@ def test_only_declared_parameters_are_trainable(name):
     method = task.method
     names = {n for n, p in task.backbone.model.named_parameters() if p.requires_grad}
     assert names == {n for n, _ in task.backbone.model.named_parameters() if method.is_trainable(n)}
-    if method.prefix:
+    if getattr(method, "trains_base_weights", False):  # full FT + frozen prefixed state (dr_tune)
+        assert names and not any(method.prefix in n for n in names)
+    elif method.prefix:
         assert names and all(method.prefix in n for n in names)
     assert all(p.requires_grad for p in task.head.parameters())
 

@@ -247,6 +247,9 @@ class BaseTask(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self.method.on_train_end(self)
+        if self.trainer.fast_dev_run:
+            rank_zero_info("[vision_ft] fast_dev_run: no adapter or plots written")
+            return
         if self.trainer.is_global_zero:
             out = save_adapter(self, self.run_dir, self.final_metrics("val/"))
             self.write_plots(out)
