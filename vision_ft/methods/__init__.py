@@ -3,14 +3,17 @@
 Importing this package registers every built-in method.
 """
 
+from .adapters import AdaptFormer, Adapter
 from .base import Method, has_prefix
 from .baselines import FullFineTuning, LinearProbe
 from .dr_tune import DRTune
 from .lora import LoRA
+from .mosa import MoSA
 from .registry import build_method, get_method_class, register, registered, unregister
 from .ssf import SSF
 
 __all__ = [
     "Method", "has_prefix", "register", "registered", "unregister", "build_method",
     "get_method_class", "LinearProbe", "FullFineTuning", "SSF", "LoRA", "DRTune",
+    "Adapter", "AdaptFormer", "MoSA",
 ]
