@@ -10,10 +10,11 @@ from .dr_tune import DRTune
 from .lora import LoRA
 from .mosa import MoSA
 from .registry import build_method, get_method_class, register, registered, unregister
+from .snell import SNELL
 from .ssf import SSF
 
 __all__ = [
     "Method", "has_prefix", "register", "registered", "unregister", "build_method",
     "get_method_class", "LinearProbe", "FullFineTuning", "SSF", "LoRA", "DRTune",
-    "Adapter", "AdaptFormer", "MoSA",
+    "Adapter", "AdaptFormer", "MoSA", "SNELL",
 ]
