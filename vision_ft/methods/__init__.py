@@ -9,6 +9,7 @@ from .baselines import FullFineTuning, LinearProbe
 from .dr_tune import DRTune
 from .lora import LoRA
 from .mosa import MoSA
+from .pego import PEGO
 from .registry import build_method, get_method_class, register, registered, unregister
 from .snell import SNELL
 from .ssf import SSF
@@ -16,5 +17,5 @@ from .ssf import SSF
 __all__ = [
     "Method", "has_prefix", "register", "registered", "unregister", "build_method",
     "get_method_class", "LinearProbe", "FullFineTuning", "SSF", "LoRA", "DRTune",
-    "Adapter", "AdaptFormer", "MoSA", "SNELL",
+    "Adapter", "AdaptFormer", "MoSA", "SNELL", "PEGO",
 ]

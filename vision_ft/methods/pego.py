@@ -1,0 +1,218 @@
+"""PEGO: Parameter-Efficient Group with Orthogonal regularisation (Hu et al., ECCV 2024).
+
+"Learn to Preserve and Diversify: Parameter-Efficient Group with Orthogonal
+Regularization for Domain Generalization" (arXiv 2407.15085; official code
+JudgingH/PEGO). A group of ``N`` LoRA modules on the query and value projections
+of every block, with no ``alpha / r`` scaling:
+
+    q = W_q x + sum_i B_i A_i x,    v = W_v x + sum_i B'_i A'_i x,    dW_i = B_i A_i
+
+``A_i`` (r x d) Kaiming-uniform (``a = sqrt(5)``, as ``nn.Linear``), ``B_i``
+(d x r) zero, so the model is unchanged at init. Training adds an orthogonality
+regulariser with two parts, entrywise L1 over the products (``|M|_1 = sum |M_ab|``):
+
+    L_orth = lambda * sum_blocks sum_{q,v} [ sum_i |W dW_i^T|_1              (preserve)
+                                             + sum_{i<j} |dW_i dW_j^T|_1 ]  (diversify)
+
+with ``W`` the frozen pretrained slice weight and ``lambda = 1e-3``. The first
+part keeps each update's row space orthogonal to the pretrained weight's (the
+pretrained features are preserved); the second keeps the modules in different
+subspaces (``dW_i dW_j^T = B_i (A_i A_j^T) B_j^T`` vanishes when the row spaces of
+``A_i`` and ``A_j`` are orthogonal). It is returned by :meth:`PEGO.regularizer`
+as ``pego_orth`` and logged by the task as ``train/pego_orth``.
+
+Which products: the official ``PEGO.update`` (``domainbed/algorithms/
+algorithms.py``) takes the full update ``dW_i = B_i A_i`` in both terms, never
+the ``A`` factors alone: ``|W_q (B_i A_i)^T|`` and ``|(B_i A_i)(B_j A_j)^T|`` for
+``j > i``, summed with ``.abs().sum()``, for q and v of every block, times
+``ld = 1e-3``. That is the card's equation (METHODS.md "PEGO"), so code and card
+agree and there is no difference to arbitrate. (Commented-out lines in the
+official code try ``W^T dW`` and squared variants; they are not the method.) The
+paper text could not be consulted offline for this implementation.
+
+timm fuses q, k, v into one ``qkv`` linear: the update is added only into the q
+and v row ranges given by ``Backbone.linear(i, 'q' | 'v')`` (a ``PackedSlice``),
+by a forward hook on the ``qkv`` module, which also holds the parameters
+(``pego_q_A`` ``(N, r, d_in)``, ``pego_q_B`` ``(N, d_out, r)``, same for v). The
+k rows of the output are never touched. A backbone with separate q/v linears is
+handled the same way with the full row range. The products in the regulariser
+are evaluated factored (``(W A_i^T) B_i^T`` and ``B_i (A_i A_j^T) B_j^T``:
+``O(d^2 r)`` instead of ``O(d^3)``); the value is that of the dense products.
+
+Merge: ``W' = W + sum_i B_i A_i`` into the q and v rows of ``qkv``; afterwards the
+model is the plain timm model (no hooks, no ``pego_`` tensors). Zero inference cost.
+
+Parameters: ``2 roles * N * r * (d_in + d_out)`` per block; on ViT-B/16 with
+``N = 2, r = 4``: ``12 * 2 * 2 * 4 * (768 + 768) = 294,912`` (the card's 0.295M),
+``N = 4``: 589,824 (0.59M), head excluded.
+
+Precision: the official code trains in pure fp16 (CLIP ``convert_weights``,
+converting the weights back to fp32 only for the optimiser step). Here the
+parameters are created in fp32 whatever the backbone's dtype (fp32 master
+weights); mixed precision is Lightning's ``trainer.precision: 16-mixed``
+(autocast), not pure fp16. The regulariser is always computed in fp32 with
+autocast disabled (its products sum ``d`` terms and feed an L1 over ``d^2``
+entries). Its autograd saves the ``d x d`` products: ``(N + N(N-1)/2) * 2 *
+blocks`` matrices of ``d^2`` floats (~170 MB at N = 2, ~570 MB at N = 4 on ViT-B).
+
+Recipe (card, official ``run.sh`` and the SWAD/MIRO DomainBed defaults it builds
+on): Adam, lr 5e-4, weight decay 0, constant lr, batch 32 per source domain, 5000
+steps; ``--lora_nums 2`` on PACS, 4 on VLCS, OfficeHome, TerraIncognita and
+DomainNet; rank ``--peft_hp 4``; ``--ld 1e-3``; backbone CLIP ViT-B/16.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import Backbone
+from ..backbones.base import PackedSlice
+from ..errors import AdapterError, ConfigError
+from .base import Method
+from .registry import register
+
+_KEY = "model.init_args.method.init_args"
+_ROLES = ("q", "k", "v")
+
+
+def _factors(module: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return getattr(module, f"pego_{role}_A"), getattr(module, f"pego_{role}_B")
+
+
+def _pego_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """Add ``sum_i B_i A_i x`` into the adapted row ranges of the linear's output."""
+    x = args[0]
+    out = output.clone()
+    for role, start, stop in module.pego_slices:
+        a, b = _factors(module, role)
+        n, r, d_in = a.shape
+        a_cat = a.reshape(n * r, d_in).to(x.dtype)                           # [A_1; ...; A_N]
+        b_cat = b.permute(1, 0, 2).reshape(stop - start, n * r).to(x.dtype)  # [B_1 ... B_N]
+        out[..., start:stop] += F.linear(F.linear(x, a_cat), b_cat)
+    return out
+
+
+def _sites(model: nn.Module) -> list[nn.Module]:
+    """The modules carrying PEGO factors, in module order."""
+    return [m for m in model.modules() if hasattr(m, "pego_slices")]
+
+
+def orthogonality_terms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unweighted preservation and diversity sums over all adapted slices (fp32).
+
+    ``preserve = sum |W dW_i^T|_1``, ``diverse = sum_{i<j} |dW_i dW_j^T|_1`` with
+    ``dW_i = B_i A_i`` and ``W`` the frozen rows of the slice.
+    """
+    sites = _sites(model)
+    if not sites:
+        raise AdapterError("no PEGO modules in this model (apply() first, or already merged)")
+    device = sites[0].weight.device
+    preserve = torch.zeros((), device=device)
+    diverse = torch.zeros((), device=device)
+    with torch.autocast(device_type=device.type, enabled=False):
+        for module in sites:
+            for role, start, stop in module.pego_slices:
+                a, b = (t.float() for t in _factors(module, role))
+                w = module.weight[start:stop].detach().float()               # (d_out, d_in)
+                wa = torch.einsum("od,nrd->nor", w, a)                       # W A_i^T
+                preserve = preserve + (wa @ b.transpose(1, 2)).abs().sum()   # W (B_i A_i)^T
+                n = a.shape[0]
+                if n > 1:
+                    i, j = torch.triu_indices(n, n, 1, device=a.device)
+                    gram = a[i] @ a[j].transpose(1, 2)                       # A_i A_j^T (r x r)
+                    diverse = diverse + (b[i] @ gram @ b[j].transpose(1, 2)).abs().sum()
+    return {"preserve": preserve, "diverse": diverse}
+
+
+@register
+class PEGO(Method):
+    """PEGO: a group of LoRA modules on q and v with an L1 orthogonality regulariser.
+
+    Hu et al., "Learn to Preserve and Diversify: Parameter-Efficient Group with
+    Orthogonal Regularization for Domain Generalization", ECCV 2024; defaults from
+    the official JudgingH/PEGO ``run.sh`` (the paper's DomainBed runs with CLIP
+    ViT-B/16). Loss: ``CE + lambda * [sum_i |W dW_i^T|_1 + sum_{i<j} |dW_i dW_j^T|_1]``
+    over q and v of every block, ``dW_i = B_i A_i`` (module docstring).
+
+    Args:
+        num_modules: LoRA modules per adapted projection, ``N`` (``--lora_nums``):
+            2 on PACS, 4 on VLCS / OfficeHome / TerraIncognita / DomainNet.
+        r: rank of each module (``--peft_hp 4``).
+        orth_weight: ``lambda`` of the orthogonality regulariser (``--ld 1e-3``);
+            0 trains a plain LoRA group without it.
+        targets: projections to adapt, any of ``q k v`` (the paper: q and v).
+    """
+
+    name = "pego"
+    prefix = "pego_"
+    mergeable = True
+    zero_init = True
+
+    def __init__(
+        self,
+        num_modules: int = 2,
+        r: int = 4,
+        orth_weight: float = 1e-3,
+        targets: list[str] = ["q", "v"],  # noqa: B006 - jsonargparse needs a plain list default
+    ) -> None:
+        if isinstance(num_modules, bool) or not isinstance(num_modules, int) or num_modules < 1:
+            raise ConfigError(f"{_KEY}.num_modules must be an integer >= 1, got {num_modules!r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ConfigError(f"{_KEY}.r must be an integer >= 1, got {r!r}")
+        if not (isinstance(orth_weight, (int, float)) and math.isfinite(orth_weight) and orth_weight >= 0):
+            raise ConfigError(f"{_KEY}.orth_weight must be a finite number >= 0, got {orth_weight!r}")
+        targets = list(targets)
+        bad = [t for t in targets if t not in _ROLES]
+        if not targets or bad or len(set(targets)) != len(targets):
+            raise ConfigError(
+                f"{_KEY}.targets must be a non-empty list of distinct roles from {list(_ROLES)}, got {targets!r}"
+            )
+        self.num_modules, self.r, self.orth_weight, self.targets = num_modules, r, float(orth_weight), targets
+
+    def apply(self, backbone: Backbone) -> None:
+        n, r = self.num_modules, self.r
+        for i in range(backbone.num_blocks):
+            for role in self.targets:
+                target = backbone.linear(i, role)
+                if isinstance(target, PackedSlice):
+                    module, start, stop = target.linear, target.start, target.stop
+                else:
+                    module, start, stop = target, 0, target.out_features
+                ref = module.weight
+                a = torch.empty(n, r, module.in_features, dtype=torch.float32, device=ref.device)
+                for k in range(n):  # per module, as nn.Linear(d_in, r): bound 1/sqrt(d_in)
+                    nn.init.kaiming_uniform_(a[k], a=math.sqrt(5))
+                b = torch.zeros(n, stop - start, r, dtype=torch.float32, device=ref.device)
+                module.register_parameter(f"pego_{role}_A", nn.Parameter(a))
+                module.register_parameter(f"pego_{role}_B", nn.Parameter(b))
+                if not hasattr(module, "pego_slices"):
+                    module.pego_slices = ()
+                    module.register_forward_hook(_pego_hook)
+                module.pego_slices = module.pego_slices + ((role, start, stop),)
+        self.freeze_and_mark(backbone)
+        self.applied = True
+
+    def regularizer(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
+        if self.orth_weight == 0 or self.merged:
+            return {}
+        terms = orthogonality_terms(outputs["task"].backbone.model)
+        return {"pego_orth": self.orth_weight * (terms["preserve"] + terms["diverse"])}
+
+    @torch.no_grad()
+    def merge(self, backbone: Backbone) -> None:
+        for module in _sites(backbone.model):
+            for role, start, stop in module.pego_slices:
+                a, b = _factors(module, role)
+                delta = torch.einsum("nor,nrd->od", b.float(), a.float())  # sum_i B_i A_i
+                module.weight[start:stop] += delta.to(module.weight.dtype)
+                delattr(module, f"pego_{role}_A")
+                delattr(module, f"pego_{role}_B")
+            for key in [k for k, fn in module._forward_hooks.items() if fn is _pego_hook]:
+                del module._forward_hooks[key]
+            del module.pego_slices
+        self.merged = True
