@@ -4,10 +4,12 @@
 - :class:`ImageFolderData`: ``root/<split>/<class>/<image>``.
 - :class:`CSVManifestData`: ``path,label`` CSV manifests.
 - :class:`MedMNISTData`: MedMNIST-style ``.npz`` arrays (single- or multi-label).
+- :class:`DomainFolderData`: ``root/<domain>/<class>/<image>``, leave-one-domain-out.
 - :class:`FewShotSplit`: CoOp-style k-shot draws written to and reused from JSON.
 """
 
 from .base import ClassificationData
+from .domains import DomainFolderData, write_domain_sample
 from .few_shot import FewShotSplit, sample_indices
 from .folder import CSVManifestData, ImageFolderData
 from .npz import MedMNISTData, npz_headers
@@ -17,6 +19,7 @@ __all__ = [
     "ArraySamples",
     "CSVManifestData",
     "ClassificationData",
+    "DomainFolderData",
     "FewShotSplit",
     "FileSamples",
     "ImageDataset",
@@ -26,4 +29,5 @@ __all__ = [
     "npz_headers",
     "sample_indices",
     "to_tensor",
+    "write_domain_sample",
 ]

@@ -123,6 +123,17 @@ class ImageClassificationTask(BaseTask):
             self.record("train/loss_step", loss.item(), x=self.current_epoch + batch_idx / steps)
         return loss
 
+    def setup(self, stage: str) -> None:
+        """Per-domain accuracy when the data has domains (leave-one-domain-out evaluation)."""
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "domain_names", None)
+        if names and not self.multilabel and not hasattr(self, "domain_acc"):
+            from ..metrics import PerDomainAccuracy
+
+            self.domain_names = list(names)
+            self.domain_acc = nn.ModuleDict({s: PerDomainAccuracy(num_domains=len(names)) for s in ("val", "test")})
+
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, stage: str):
         logits = self(batch["image"])
         labels = batch["label"]
@@ -130,7 +141,25 @@ class ImageClassificationTask(BaseTask):
         probs = self.probabilities(logits)
         metrics.update(probs, labels.int() if self.multilabel else labels)
         self.log_dict(metrics, prog_bar=stage == "val")
+        if "domain" in batch and hasattr(self, "domain_acc"):
+            self.domain_acc[stage].update(probs.argmax(-1), labels, batch["domain"])
         return probs, labels
+
+    def _log_domain_accuracy(self, stage: str) -> None:
+        if not hasattr(self, "domain_acc"):
+            return
+        metric = self.domain_acc[stage]
+        if metric.update_called:
+            per_domain = metric.compute()
+            for name, value in zip(self.domain_names, per_domain):
+                if not torch.isnan(value):
+                    self.log(f"{stage}/acc_{name}", value)
+            # DomainBed "training-domain validation": unweighted mean over the domains present
+            self.log(f"{stage}/acc_domain_mean", torch.nanmean(per_domain))
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_domain_accuracy("val")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -147,6 +176,7 @@ class ImageClassificationTask(BaseTask):
         return {"probs": probs, "pred": (probs > 0.5).int() if self.multilabel else probs.argmax(-1)}
 
     def on_test_epoch_end(self) -> None:
+        self._log_domain_accuracy("test")
         if self.multilabel:
             per_label = self.test_auroc_per_label.compute().cpu().numpy()
             self.test_auroc_per_label.reset()
@@ -158,7 +188,7 @@ class ImageClassificationTask(BaseTask):
 
     def on_test_end(self) -> None:
         """After testing a trained run: add test metrics to adapter.json, plot the test results."""
-        if not self.trainer.is_global_zero or not hasattr(self, "_test_extra"):
+        if not self.trainer.is_global_zero or not hasattr(self, "_test_extra") or self.trainer.fast_dev_run:
             return
         run_dir = self.run_dir
         kind, value = self._test_extra
