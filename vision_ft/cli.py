@@ -31,6 +31,16 @@ class VisionFTCLI(LightningCLI):
         for key in ("num_classes", "class_names", "multilabel"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
+    def before_fit(self) -> None:
+        # Lightning resolves fit(ckpt_path=...) only after LightningModule.setup(); setting it on
+        # the trainer first lets setup() see the run is resuming, so data-dependent method set-up
+        # (SPT's sensitivity scoring) is restored from the checkpoint instead of recomputed.
+        cfg = self.config_init[self.subcommand]
+        path = cfg.get("ckpt_path")
+        if path and str(path) not in ("last", "best", "hpc", "registry"):
+            self.trainer.ckpt_path = path
+            cfg["ckpt_path"] = None
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if trainer.interrupted:

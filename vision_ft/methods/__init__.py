@@ -12,10 +12,11 @@ from .mosa import MoSA
 from .pego import PEGO
 from .registry import build_method, get_method_class, register, registered, unregister
 from .snell import SNELL
+from .spt import SPTAdapter, SPTLoRA
 from .ssf import SSF
 
 __all__ = [
     "Method", "has_prefix", "register", "registered", "unregister", "build_method",
     "get_method_class", "LinearProbe", "FullFineTuning", "SSF", "LoRA", "DRTune",
-    "Adapter", "AdaptFormer", "MoSA", "SNELL", "PEGO",
+    "Adapter", "AdaptFormer", "MoSA", "SNELL", "PEGO", "SPTLoRA", "SPTAdapter",
 ]
