@@ -20,6 +20,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..backbones import Backbone
 
 
+def run_device(task: Any, default: torch.device) -> torch.device:
+    """The device training will run on; in ``setup`` (where ``prepare`` runs) the model is still on the CPU."""
+    trainer = getattr(task, "_trainer", None)
+    if trainer is None:
+        return default
+    try:
+        return torch.device(trainer.strategy.root_device)
+    except Exception:  # strategy not set up (e.g. called outside fit)
+        return default
+
+
 def has_prefix(name: str, prefix: str) -> bool:
     """True when one component of the dotted ``name`` starts with ``prefix``."""
     return any(part.startswith(prefix) for part in name.split("."))

@@ -94,7 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError, ConfigError
-from .base import Method, has_prefix
+from .base import Method, has_prefix, run_device
 from .registry import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -285,7 +285,7 @@ class DRTune(Method):
         model = backbone.model
         frozen = model.get_submodule(FROZEN)
         home = next(frozen.parameters()).device
-        device = _run_device(task, home)
+        device = run_device(task, home)
         self.reset_queue(backbone)
         forked = [device.index or 0] if device.type == "cuda" else []
         frozen.to(device)
@@ -414,12 +414,3 @@ def _world_size(task: Any) -> int:
     return int(trainer.world_size) if trainer is not None else 1
 
 
-def _run_device(task: Any, default: torch.device) -> torch.device:
-    """The device training will run on (the model is still on CPU in ``setup``)."""
-    trainer = getattr(task, "_trainer", None)
-    if trainer is None:
-        return default
-    try:
-        return torch.device(trainer.strategy.root_device)
-    except Exception:  # strategy not set up (e.g. called outside fit)
-        return default

@@ -108,7 +108,7 @@ from torch.utils.data import IterableDataset, default_collate
 from ..backbones import Backbone, PackedSlice
 from ..errors import AdapterError, ConfigError
 from ._sparse import dense_delta, sparse_delta
-from .base import Method
+from .base import Method, run_device
 from .registry import register
 
 log = logging.getLogger("vision_ft")
@@ -202,15 +202,6 @@ def _cls_host(model: nn.Module) -> str | None:
 
 
 # --- stage 1: sensitivity ------------------------------------------------------------------------
-def _run_device(task: Any, default: torch.device) -> torch.device:
-    """The device training will run on (in ``setup`` the model is still on the CPU)."""
-    trainer = getattr(task, "_trainer", None)
-    if trainer is None:
-        return default
-    try:
-        return torch.device(trainer.strategy.root_device)
-    except Exception:  # strategy not set up (called outside fit)
-        return default
 
 
 @contextmanager
@@ -290,7 +281,7 @@ def sensitivity(task: Any, datamodule: Any, sites: list[Site], n_images: int = 5
     params = list(hosts.values())
     position = {key: i for i, key in enumerate(hosts)}
     home = next(task.parameters()).device
-    device = _run_device(task, home)
+    device = run_device(task, home)
     flags = [p.requires_grad for p in params]
     modes = {m: m.training for m in task.modules()}
     used, batches = 0, 0
