@@ -134,7 +134,7 @@ def test_every_config_fragment_stacks_on_the_medical_config(fragment, tmp_path, 
 
 
 def test_method_override_by_name_and_class_path(tmp_path):
-    assert _fit(tmp_path / "a", "--trainer.fast_dev_run=true", "--model.init_args.method=lora") == 0
+    assert _fit(tmp_path / "a", "--trainer.fast_dev_run=true", "--model.method=lora") == 0  # shorthand
     assert _fit(tmp_path / "b", "--trainer.fast_dev_run=true",
                 "--model.init_args.method=vision_ft.methods.LinearProbe") == 0
 
