@@ -26,3 +26,7 @@ class BackboneError(VisionFTError, RuntimeError):
 
 class AdapterError(VisionFTError, ValueError):
     """An adapter or checkpoint does not fit the model it is loaded into."""
+
+
+class TrainingError(VisionFTError, RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""

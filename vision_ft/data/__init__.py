@@ -8,7 +8,7 @@
 - :class:`FewShotSplit`: CoOp-style k-shot draws written to and reused from JSON.
 """
 
-from .base import ClassificationData
+from .base import ClassificationData, EpochShuffleSampler, ResumableDataLoader, train_loader
 from .domains import DomainFolderData, write_domain_sample
 from .few_shot import FewShotSplit, sample_indices
 from .folder import CSVManifestData, ImageFolderData
@@ -20,14 +20,17 @@ __all__ = [
     "CSVManifestData",
     "ClassificationData",
     "DomainFolderData",
+    "EpochShuffleSampler",
     "FewShotSplit",
     "FileSamples",
     "ImageDataset",
     "ImageFolderData",
     "MedMNISTData",
+    "ResumableDataLoader",
     "Samples",
     "npz_headers",
     "sample_indices",
     "to_tensor",
+    "train_loader",
     "write_domain_sample",
 ]

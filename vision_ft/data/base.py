@@ -18,7 +18,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import ConfigError, DataError
 from .few_shot import FewShotSplit
@@ -29,28 +29,81 @@ log = logging.getLogger("vision_ft")
 SPLITS = ("train", "val", "test")
 
 
-class EpochShuffleSampler(RandomSampler):
-    """Random order that is a function of ``(seed, epoch)`` only.
+class EpochShuffleSampler(DistributedSampler):
+    """Random order that is a function of ``(seed, epoch)`` only, split across ranks, resumable mid-epoch.
 
-    Lightning calls ``set_epoch`` at the start of every training epoch, so a run resumed
-    from a checkpoint sees the same order as an uninterrupted one (a plain seeded
-    generator would restart its sequence). Without ``set_epoch`` the epoch advances on
-    each pass. Being a ``RandomSampler``, Lightning still sees the loader as shuffled and
-    swaps in a ``DistributedSampler`` under DDP.
+    - Lightning calls ``set_epoch`` at the start of every training epoch, so a run resumed
+      from a checkpoint sees the same order as an uninterrupted one (a plain seeded
+      generator would restart its sequence). Without ``set_epoch`` the epoch advances on
+      each pass.
+    - With ``num_replicas > 1`` (DDP) rank ``r`` takes every ``num_replicas``-th index of the
+      *same* permutation a single process would use (padded by wrap-around to equal
+      length), so the union of the ranks' batch ``t`` is the single-process batch ``t`` of
+      ``num_replicas`` times the size. Being a ``DistributedSampler``, Lightning keeps it
+      instead of swapping in its own.
+    - :meth:`resume_at` makes the next pass over that epoch skip the samples already
+      trained on (mid-epoch checkpoints; see :class:`ResumableDataLoader`).
     """
 
-    def __init__(self, data_source, seed: int = 0):
-        super().__init__(data_source)
+    def __init__(self, data_source, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.data_source = data_source
         self.seed, self.epoch = int(seed), 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self):
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint64)[0]
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """The next pass over ``epoch`` starts after this rank's first ``samples_done`` samples."""
+        self._resume = (int(epoch), int(samples_done))
+
+    def permutation(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``."""
+        state = np.random.SeedSequence([self.seed, epoch]).generate_state(2, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        if self.num_replicas > 1:
+            order += order[: self.total_size - len(order)]
+            order = order[self.rank: self.total_size: self.num_replicas]
+        return order
+
+    def __iter__(self):
+        epoch = self.epoch
         self.epoch += 1
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        skip = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            skip = self._resume[1]
+        self._resume = None
+        yield from self.permutation(epoch)[skip:]
+
+
+class ResumableDataLoader(DataLoader):
+    """A training loader Lightning can resume mid-epoch.
+
+    Lightning stores the ``state_dict`` of "stateful" loaders in every checkpoint and hands
+    it back on resume. The state is where the trainer was (epoch, batches done in it), read
+    from the trainer's own progress counters rather than counted here, because Lightning
+    pre-fetches a batch ahead of the one being trained on.
+    """
+
+    trainer = None  # set by the datamodule
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(trainer.current_epoch), "batches": int(done), "batch_size": int(self.batch_size)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not state or not isinstance(self.sampler, EpochShuffleSampler):
+            return
+        if state["batch_size"] != self.batch_size:
+            log.warning("data: resuming with batch size %d (checkpoint: %d): the interrupted epoch restarts "
+                        "from its first batch", self.batch_size, state["batch_size"])
+            return
+        self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
 
 
 class ClassificationData(L.LightningDataModule):
@@ -208,9 +261,10 @@ class ClassificationData(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
-        sampler = EpochShuffleSampler(dataset, self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
+        return train_loader(dataset, self.batch_size, self.seed, self.num_workers, self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -223,3 +277,14 @@ class ClassificationData(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def train_loader(dataset, batch_size: int, seed: int, num_workers: int = 0, trainer=None, **kwargs) -> DataLoader:
+    """The kit's training loader for any map-style dataset: epoch-seeded shuffle, split across
+    the trainer's ranks, resumable mid-epoch. Datamodules of every task use it."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = EpochShuffleSampler(dataset, seed, num_replicas=world, rank=rank)
+    loader = ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0, **kwargs)
+    loader.trainer = trainer
+    return loader

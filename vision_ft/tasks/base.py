@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ..backbones import Backbone
-from ..errors import AdapterError, ConfigError
+from ..errors import AdapterError, ConfigError, TrainingError
 from ..export import import_class, save_adapter
 from ..methods import Method, build_method
 
@@ -35,6 +35,12 @@ class BaseTask(pl.LightningModule):
         optimizer: ``adamw`` or ``sgd`` (nesterov, momentum 0.9).
         warmup_fraction: fraction of all optimiser steps spent in linear warm-up.
         min_lr_ratio: cosine decays to ``lr * min_lr_ratio``.
+        ema_decay: exponential moving average of the trainable tensors (0 = off; 0.999
+            or 0.9999 are usual). Validation during fit, the final test, the adapter and
+            exports use the averaged weights; checkpoints keep both, so resume is exact.
+        on_nonfinite: what a NaN/inf training loss does: ``stop`` (a clear error naming
+            the step and the last checkpoint) or ``skip`` the batch (no optimiser step;
+            counted and logged as ``train/skipped_batches``).
     """
 
     #: dotted path written to adapter.json; subclasses inherit it
@@ -50,6 +56,8 @@ class BaseTask(pl.LightningModule):
         optimizer: Literal["adamw", "sgd"] = "adamw",
         warmup_fraction: float = 0.1,
         min_lr_ratio: float = 0.0,
+        ema_decay: float = 0.0,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         if not isinstance(backbone, Backbone):
@@ -63,6 +71,15 @@ class BaseTask(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable state only
         self.train_loss_epoch = MeanMetric()
         self.history: dict[str, list[tuple[float, float]]] = {}
+        if not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"model.init_args.ema_decay must be in [0, 1), got {ema_decay}")
+        if on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"model.init_args.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.ema_decay, self.on_nonfinite = float(ema_decay), on_nonfinite
+        self._ema: dict[str, torch.Tensor] | None = None  # name -> averaged tensor (or live ones while swapped)
+        self._ema_swapped = False
+        self._skip_step = False
+        self.skipped_batches = 0
 
     # --- subclasses ---------------------------------------------------------------------
     def head_modules(self) -> dict[str, nn.Module]:
@@ -130,6 +147,15 @@ class BaseTask(pl.LightningModule):
                                    if k in ("method", "method_spec", "method_version", "backbone",
                                             "backbone_fingerprint")}
         checkpoint["vision_ft"]["history"] = self.history
+        checkpoint["vision_ft"]["skipped_batches"] = self.skipped_batches
+        if self._ema is not None:
+            params = dict(self.named_parameters())
+            if self._ema_swapped:  # saved during validation: the live weights sit in self._ema
+                for k, v in self._ema.items():
+                    checkpoint["state_dict"][k] = v.detach().clone()
+                checkpoint["vision_ft"]["ema"] = {k: params[k].detach().clone() for k in self._ema}
+            else:
+                checkpoint["vision_ft"]["ema"] = {k: v.detach().clone() for k, v in self._ema.items()}
 
     def setup(self, stage: str) -> None:
         """Run the method's data-dependent preparation once, before the optimiser exists."""
@@ -163,6 +189,16 @@ class BaseTask(pl.LightningModule):
             raise AdapterError(f"checkpoint does not fit this model: {len(missing)} missing, {len(extra)} "
                                f"unexpected, {len(bad)} misshapen tensors (first: {first})")
         self.history = info.get("history", {})
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = fit_state.get("combined_loader") or []
+        self.skipped_batches = int(info.get("skipped_batches", 0))
+        ema = info.get("ema")
+        if ema is not None and self.ema_decay > 0:
+            fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+            if fitting:  # resume: the average goes on from where it was
+                self._ema = {k: v.clone() for k, v in ema.items()}
+            else:  # validate/test/predict a checkpoint: evaluate the averaged weights
+                checkpoint["state_dict"].update(ema)
 
     # --- optimisation -------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -213,6 +249,100 @@ class BaseTask(pl.LightningModule):
             loss = loss + value
         return loss
 
+    def checked_loss(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """``loss`` if finite on every rank; else stop with a clear error, or ``None`` to skip the batch.
+
+        Returning ``None`` from ``training_step`` makes Lightning skip the backward pass and the
+        optimiser step. Under DDP all ranks take the same decision (one bad rank skips all),
+        so no rank waits on a gradient all-reduce the others skip.
+        """
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return loss
+        if self.on_nonfinite == "skip":
+            self.skipped_batches += 1
+            self._skip_step = True
+            log.warning("[vision_ft] non-finite training loss at step %d: batch skipped (%d so far)",
+                        self.global_step, self.skipped_batches)
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            return None
+        last = None
+        if self._trainer is not None:
+            for cb in self.trainer.checkpoint_callbacks:
+                last = getattr(cb, "last_model_path", None) or getattr(cb, "best_model_path", None) or last
+        where = f"last good checkpoint: {last} (resume with --ckpt_path {last})" if last else "no checkpoint was written yet"
+        raise TrainingError(
+            f"non-finite training loss ({float(loss.detach().float().reshape(-1)[0])}) at step {self.global_step}, "
+            f"epoch {self.current_epoch}; {where}. Lower model.init_args.lr, check the data, or set "
+            "model.init_args.on_nonfinite=skip to skip such batches"
+        )
+
+    # --- exponential moving average of the trainable tensors ---------------------------
+    def _ema_targets(self) -> dict[str, nn.Parameter]:
+        return {k: p for k, p in self.named_parameters() if p.requires_grad}
+
+    def on_train_start(self) -> None:
+        """Hand the checkpoint's position inside the epoch to resumable training loaders.
+
+        Lightning 2.6 restores loader states only when the loaders are built after the
+        checkpoint is read, but ``estimated_stepping_batches`` (our LR schedule) builds them
+        first; the loaders' iterators are lazy, so passing the state here is still in time.
+        """
+        states = getattr(self, "_loader_states", None)
+        if not states:
+            return
+        loaders = self.trainer.train_dataloader
+        flat = loaders if isinstance(loaders, (list, tuple)) else (
+            list(loaders.values()) if isinstance(loaders, dict) else [loaders])
+        stateful = [dl for dl in flat if hasattr(dl, "load_state_dict") and hasattr(dl, "state_dict")]
+        for loader, state in zip(stateful, states):
+            loader.load_state_dict(state)
+        self._loader_states = []
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.ema_decay > 0 and self._ema is None:
+            self._ema = {k: p.detach().clone() for k, p in self._ema_targets().items()}
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the EMA update (before any callback sees the step, so a
+        checkpoint written at this batch's end holds the matching average)."""
+        super().optimizer_step(*args, **kwargs)
+        if self._ema is not None and not self._skip_step:
+            self._update_ema()
+        self._skip_step = False
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        targets = self._ema_targets()
+        keys = [k for k in self._ema if k in targets]
+        for k in keys:
+            if self._ema[k].device != targets[k].device:
+                self._ema[k] = self._ema[k].to(targets[k].device)
+        torch._foreach_lerp_([self._ema[k] for k in keys], [targets[k].detach() for k in keys],
+                             1.0 - self.ema_decay)
+
+    @torch.no_grad()
+    def _swap_ema(self) -> None:
+        targets = self._ema_targets()
+        for k, avg in self._ema.items():
+            p = targets[k]
+            live = p.data
+            p.data = avg.to(p.device)
+            self._ema[k] = live
+        self._ema_swapped = not self._ema_swapped
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        if self._ema is not None and not self._ema_swapped and self.trainer.state.fn == "fit":
+            self._swap_ema()
+
+    def on_validation_model_train(self) -> None:
+        if self._ema_swapped:
+            self._swap_ema()
+        super().on_validation_model_train()
+
     # --- history and artifacts ---------------------------------------------------------
     def record(self, key: str, value: float, x: float | None = None) -> None:
         x = float(self.current_epoch) if x is None else x
@@ -246,6 +376,11 @@ class BaseTask(pl.LightningModule):
                 if k.startswith(prefix) and v.numel() == 1}
 
     def on_train_end(self) -> None:
+        if self._ema is not None:  # from here on (test after fit, adapter, export) the average is the model
+            if not self._ema_swapped:
+                self._swap_ema()
+            self._ema, self._ema_swapped = None, False
+            rank_zero_info("[vision_ft] EMA weights copied into the model for test and export")
         self.method.on_train_end(self)
         if self.trainer.fast_dev_run:
             rank_zero_info("[vision_ft] fast_dev_run: no adapter or plots written")

@@ -50,9 +50,12 @@ class ImageClassificationTask(BaseTask):
         optimizer: Literal["adamw", "sgd"] = "adamw",
         warmup_fraction: float = 0.1,
         min_lr_ratio: float = 0.0,
+        ema_decay: float = 0.0,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr,
-                         optimizer=optimizer, warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio)
+                         optimizer=optimizer, warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio,
+                         ema_decay=ema_decay, on_nonfinite=on_nonfinite)
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         if len(self.class_names) != self.num_classes:
@@ -113,9 +116,9 @@ class ImageClassificationTask(BaseTask):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         outputs = self.forward_outputs(batch["image"])
         logits = outputs["logits"]
-        loss = self.add_regularizers(self.loss(logits, batch["label"]), outputs, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
+        loss = self.checked_loss(self.add_regularizers(self.loss(logits, batch["label"]), outputs, batch))
+        if loss is None:
+            return None
         self.log("train/loss", loss, prog_bar=True)
         self.train_loss_epoch.update(loss.detach())
         if self.global_step % 10 == 0:
@@ -184,6 +187,10 @@ class ImageClassificationTask(BaseTask):
         else:
             matrix = self.test_confusion.compute().cpu().numpy()
             self.test_confusion.reset()
+            support = matrix.sum(1)
+            for name, hit, n in zip(self.class_names, matrix.diagonal(), support):
+                if n > 0:  # per-class recall (sensitivity); undefined for a class absent from the test set
+                    self.log(f"test/recall_{_key(name)}", float(hit / n))
             self._test_extra = ("confusion", matrix)
 
     def on_test_end(self) -> None:
@@ -260,6 +267,11 @@ class ImageClassificationTask(BaseTask):
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, default=list) + "\n")
         return out_dir
 
+
+
+def _key(name: str) -> str:
+    """A class name as a metric-key component (spaces and slashes would split CSV/TensorBoard keys)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
 
 def _image_tensor(image: str | Path | Image.Image, size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,190 @@
+"""Faults a shared cluster throws at a run: SIGKILL mid-epoch, NaN losses, multi-process training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file, save_file
+
+from vision_ft.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MEDICAL = str(ROOT / "domains" / "medical.yaml")
+TINY = str(ROOT / "configs" / "backbones" / "vit_test_tiny.yaml")
+EVERY_3_STEPS = ('--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+                 '"init_args": {"every_n_train_steps": 3, "save_last": true, "save_top_k": -1}}]')
+
+
+class KillAtStep(Callback):
+    """SIGKILLs its own process after optimiser step ``step``: no clean-up, no final checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DumpRankWeights(Callback):
+    """Writes each rank's trainable tensors at the end of training (to compare ranks)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {k: p.detach().contiguous() for k, p in pl_module.named_parameters() if p.requires_grad}
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        save_file(state, str(Path(self.out) / f"rank{trainer.global_rank}.safetensors"))
+
+
+def _args(tmp: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", MEDICAL, "--config", TINY,
+            f"--trainer.logger.init_args.save_dir={tmp / 'runs'}", f"--data.init_args.sample_dir={tmp / 'sample'}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra]
+
+
+def _subprocess(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "vision_ft", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _runs(tmp: Path) -> list[Path]:
+    return sorted((tmp / "runs" / "medical").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    common = ("--trainer.max_epochs=2", "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=2",
+              "--test_after_fit=false", "--trainer.deterministic=true", "--data.init_args.batch_size=16",
+              "--model.init_args.ema_decay=0.8", EVERY_3_STEPS)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_args(a, *common)) == 0
+    # step 7 is the 2nd batch of epoch 2 (5 steps per epoch); the newest checkpoint is step 6, mid-epoch
+    kill = '--trainer.callbacks+={"class_path": "test_reliability.KillAtStep", "init_args": {"step": 7}}'
+    proc = _subprocess(_args(b, *common, kill))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    killed = _runs(b)[-1]
+    assert not (killed / "adapter.json").exists()
+    last = killed / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1  # killed mid-epoch, newest checkpoint is mid-epoch too
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 1
+    assert ckpt["vision_ft"]["ema"], "EMA state missing from the checkpoint"
+    assert main(_args(b, *common, f"--ckpt_path={last}")) == 0
+    wa = load_file(_runs(a)[-1] / "adapter.safetensors")
+    wb = load_file(_runs(b)[-1] / "adapter.safetensors")
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
+    ma = json.loads((_runs(a)[-1] / "adapter.json").read_text())["metrics"]
+    mb = json.loads((_runs(b)[-1] / "adapter.json").read_text())["metrics"]
+    assert ma == pytest.approx(mb, abs=1e-6)
+
+
+def test_sampler_splits_one_permutation_across_ranks_and_skips_on_resume():
+    from vision_ft.data import EpochShuffleSampler
+
+    data = list(range(10))
+    single = EpochShuffleSampler(data, seed=3)
+    single.set_epoch(2)
+    order = list(single)
+    ranks = [EpochShuffleSampler(data, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(2)
+    r0, r1 = list(ranks[0]), list(ranks[1])
+    assert r0 == order[0::2] and r1 == order[1::2]
+    # batch t of 2 ranks x 2 == batch t of 1 process x 4
+    assert sorted(r0[:2] + r1[:2]) == sorted(order[:4])
+    # resume after 3 samples of epoch 2; another epoch is untouched
+    single.resume_at(2, 3)
+    single.set_epoch(2)
+    assert list(single) == order[3:]
+    single.resume_at(2, 3)
+    single.set_epoch(3)
+    assert len(list(single)) == 10
+    # odd length: ranks are padded to equal length by wrap-around (like DistributedSampler)
+    odd = [EpochShuffleSampler(list(range(7)), seed=0, num_replicas=2, rank=r) for r in range(2)]
+    assert [len(list(s)) for s in odd] == [4, 4]
+
+
+def _fit_tiny(tmp: Path, *extra: str) -> int:
+    return main(_args(tmp, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+                      "--trainer.limit_val_batches=1", "--test_after_fit=false", *extra))
+
+
+class PoisonStep(Callback):
+    """Makes the training loss of one step NaN by poisoning that batch's images."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            batch["image"][:] = float("nan")
+
+
+def test_nonfinite_loss_stops_with_the_step_and_the_last_checkpoint(tmp_path, capsys):
+    poison = '--trainer.callbacks+={"class_path": "test_reliability.PoisonStep", "init_args": {"step": 4}}'
+    code = main(_args(tmp_path, "--trainer.max_epochs=3", "--trainer.limit_train_batches=3",
+                      "--trainer.limit_val_batches=1", "--test_after_fit=false", poison))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "non-finite training loss" in err and "at step 4" in err and "epoch 1" in err
+    assert "last.ckpt" in err and "on_nonfinite=skip" in err and "Traceback" not in err
+
+
+def test_nonfinite_loss_skip_leaves_weights_untouched_and_counts(tmp_path):
+    poison = '--trainer.callbacks+={"class_path": "test_reliability.PoisonStep", "init_args": {"step": 1}}'
+    assert _fit_tiny(tmp_path, "--model.init_args.on_nonfinite=skip", poison) == 0
+    run = _runs(tmp_path)[-1]
+    weights = load_file(run / "adapter.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["vision_ft"]["skipped_batches"] == 1
+    assert ckpt["global_step"] == 3  # Lightning still counts the skipped step (no gradients, so no update)
+
+
+def test_ema_averages_the_trainable_tensors_and_evaluates_with_them():
+    from conftest import make_task
+
+    task = make_task("ssf", ema_decay=0.5)
+    task.on_train_batch_start(None, 0)
+    params = task._ema_targets()
+    name = next(iter(params))
+    before = params[name].detach().clone()
+    with torch.no_grad():
+        params[name].add_(1.0)
+    task._update_ema()
+    assert torch.allclose(task._ema[name], before + 0.5)  # 0.5 * old + 0.5 * new
+    live = params[name].detach().clone()
+    task._swap_ema()
+    assert torch.allclose(params[name], before + 0.5)
+    task._swap_ema()
+    assert torch.equal(params[name], live)
+
+
+def test_ema_decay_out_of_range_names_the_key():
+    from conftest import make_task
+    from vision_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.init_args.ema_decay"):
+        make_task("ssf", ema_decay=1.0)
+
+
+def test_per_class_recall_is_logged_at_test(tmp_path):
+    assert main(_args(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                      "--trainer.limit_val_batches=1")) == 0
+    metrics = json.loads((_runs(tmp_path)[-1] / "adapter.json").read_text())["metrics"]
+    recalls = {k: v for k, v in metrics.items() if k.startswith("test/recall_")}
+    assert set(recalls) == {f"test/recall_{n}" for n in ("normal", "lesion", "fibrosis", "calcification")}
+    assert all(0.0 <= v <= 1.0 for v in recalls.values())
