@@ -138,8 +138,18 @@ class BaseTask(pl.LightningModule):
             "weights_source": self.backbone.weights_source,
             "trainable_params": self.method.trainable_parameters(self.backbone),
             "head_params": sum(p.numel() for m in self.head_modules().values() for p in m.parameters()),
+            **self._training_world(),
             **self.task_metadata(),
         }
+
+    def _training_world(self) -> dict[str, Any]:
+        if self._trainer is None:
+            return {}
+        out: dict[str, Any] = {"world_size": self.trainer.world_size}
+        if getattr(self, "_trained_digest", None):
+            out["weights_identical_on_all_ranks"] = True
+            out["weights_digest"] = self._trained_digest
+        return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.saved_key(k)}
@@ -159,8 +169,15 @@ class BaseTask(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Run the method's data-dependent preparation once, before the optimiser exists."""
+        self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # all ranks, see run_dir
         if stage == "fit" and not self.method.prepared and self.trainer.ckpt_path is None:
             self.method.prepare(self, self.trainer.datamodule)
+            if self.trainer.world_size > 1:
+                self._require_same_on_all_ranks(
+                    self.method.adapter_state_dict(self.backbone),
+                    f"method {self.method.name!r} prepare() decided differently on different ranks (its data-"
+                    "dependent set-up must be deterministic given the seed: same data order, no rank-dependent "
+                    "randomness)")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("vision_ft")
@@ -199,6 +216,16 @@ class BaseTask(pl.LightningModule):
                 self._ema = {k: v.clone() for k, v in ema.items()}
             else:  # validate/test/predict a checkpoint: evaluate the averaged weights
                 checkpoint["state_dict"].update(ema)
+
+    # --- rank safety -------------------------------------------------------------------
+    def _require_same_on_all_ranks(self, tensors: dict[str, torch.Tensor], message: str) -> str:
+        """Digest of ``tensors``; raises :class:`TrainingError` on every rank if any rank's differs."""
+        digest = tensor_digest(tensors)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            reference = self.trainer.strategy.broadcast(digest, src=0)
+            if self.trainer.strategy.reduce_boolean_decision(reference != digest, all=False):
+                raise TrainingError(f"{message} (rank {self.trainer.global_rank}: {digest}, rank 0: {reference})")
+        return digest
 
     # --- optimisation -------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -369,7 +396,12 @@ class BaseTask(pl.LightningModule):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """The run's output folder. Resolved in :meth:`setup` on every rank: ``trainer.log_dir``
+        is a collective (a broadcast) under DDP, so rank-0-only code must not call it."""
+        cached = getattr(self, "_run_dir", None)
+        if cached is None:
+            cached = self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return cached
 
     def final_metrics(self, prefix: str) -> dict[str, float]:
         return {k: round(float(v), 6) for k, v in self.trainer.callback_metrics.items()
@@ -382,6 +414,11 @@ class BaseTask(pl.LightningModule):
             self._ema, self._ema_swapped = None, False
             rank_zero_info("[vision_ft] EMA weights copied into the model for test and export")
         self.method.on_train_end(self)
+        if self.trainer.world_size > 1:  # DDP keeps replicas in step; prove it before writing one of them
+            self._trained_digest = self._require_same_on_all_ranks(
+                {k: v for k, v in self.adapter_tensors().items()},
+                "trained weights differ between ranks: the replicas diverged (a rank-dependent operation "
+                "outside DDP's gradient sync?)")
         if self.trainer.fast_dev_run:
             rank_zero_info("[vision_ft] fast_dev_run: no adapter or plots written")
             return
@@ -396,3 +433,15 @@ class BaseTask(pl.LightningModule):
 
         if self.history:
             plot_curves(self.history, run_dir / "curves.png", title=f"{self.method.name}")
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (16 hex digits) over names, shapes, dtypes and exact values."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
