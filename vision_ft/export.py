@@ -65,14 +65,18 @@ def import_class(path: str) -> type:
         raise AdapterError(f"cannot import {path!r} named in {ADAPTER_META}") from None
 
 
-def save_adapter(task: Any, run_dir: str | Path, metrics: dict[str, float] | None = None) -> Path:
-    """Write ``adapter.safetensors`` + ``adapter.json`` for ``task`` into ``run_dir``."""
+def save_adapter(task: Any, run_dir: str | Path, metrics: dict[str, float] | None = None,
+                 tensors: dict[str, Any] | None = None) -> Path:
+    """Write ``adapter.safetensors`` + ``adapter.json`` for ``task`` into ``run_dir``.
+
+    ``tensors`` (default ``task.adapter_tensors()``) lets a sharded run pass gathered ones.
+    """
     run_dir = Path(run_dir)
     meta = task.adapter_metadata()
     meta.update(format_version=FORMAT_VERSION,
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 metrics=dict(metrics or {}))
-    atomic_save_safetensors(task.adapter_tensors(), run_dir / ADAPTER_WEIGHTS,
+    atomic_save_safetensors(task.adapter_tensors() if tensors is None else tensors, run_dir / ADAPTER_WEIGHTS,
                             metadata={"method": meta["method"], "format_version": str(FORMAT_VERSION)})
     atomic_write_text(run_dir / ADAPTER_META, json.dumps(meta, indent=2, default=str) + "\n")
     return run_dir

@@ -227,6 +227,25 @@ class BaseTask(pl.LightningModule):
                 raise TrainingError(f"{message} (rank {self.trainer.global_rank}: {digest}, rank 0: {reference})")
         return digest
 
+    def _sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def _full_parameters(self):
+        """Context in which every parameter holds its full value on every rank (FSDP), else a no-op.
+
+        Under FSDP each rank holds a shard: reading the adapter's tensors outside this
+        context would write a silently sharded (or empty) adapter.
+        """
+        import contextlib
+
+        if not self._sharded():
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=False)
+
     # --- optimisation -------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser groups: backbone/head x decay/no-decay (1-D and method-exempt tensors)."""
@@ -329,6 +348,9 @@ class BaseTask(pl.LightningModule):
         self._loader_states = []
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.ema_decay > 0 and self._ema is None and self._sharded():
+            raise ConfigError("model.init_args.ema_decay is not supported with FSDP (sharded parameters); "
+                              "use ddp or set ema_decay=0")
         if self.ema_decay > 0 and self._ema is None:
             self._ema = {k: p.detach().clone() for k, p in self._ema_targets().items()}
 
@@ -414,16 +436,18 @@ class BaseTask(pl.LightningModule):
             self._ema, self._ema_swapped = None, False
             rank_zero_info("[vision_ft] EMA weights copied into the model for test and export")
         self.method.on_train_end(self)
-        if self.trainer.world_size > 1:  # DDP keeps replicas in step; prove it before writing one of them
+        with self._full_parameters():  # FSDP: gather the shards on every rank (a collective)
+            tensors = {k: v.detach().clone() for k, v in self.adapter_tensors().items()}
+        if self.trainer.world_size > 1 and not self._sharded():
+            # DDP keeps replicas in step; prove it before writing one of them
             self._trained_digest = self._require_same_on_all_ranks(
-                {k: v for k, v in self.adapter_tensors().items()},
-                "trained weights differ between ranks: the replicas diverged (a rank-dependent operation "
-                "outside DDP's gradient sync?)")
+                tensors, "trained weights differ between ranks: the replicas diverged (a rank-dependent "
+                "operation outside DDP's gradient sync?)")
         if self.trainer.fast_dev_run:
             rank_zero_info("[vision_ft] fast_dev_run: no adapter or plots written")
             return
         if self.trainer.is_global_zero:
-            out = save_adapter(self, self.run_dir, self.final_metrics("val/"))
+            out = save_adapter(self, self.run_dir, self.final_metrics("val/"), tensors=tensors)
             self.write_plots(out)
             rank_zero_info(f"[vision_ft] adapter written to {out}")
 
