@@ -40,6 +40,21 @@ class VisionFTCLI(LightningCLI):
         if path and str(path) not in ("last", "best", "hpc", "registry"):
             self.trainer.ckpt_path = path
             cfg["ckpt_path"] = None
+        self._safe_loading()
+
+    def _safe_loading(self) -> None:
+        cfg = self.config_init[self.subcommand]
+        if "weights_only" in cfg and cfg["weights_only"] is None:
+            cfg["weights_only"] = True  # never unpickle arbitrary objects from a checkpoint
+
+    def before_validate(self) -> None:
+        self._safe_loading()
+
+    def before_test(self) -> None:
+        self._safe_loading()
+
+    def before_predict(self) -> None:
+        self._safe_loading()
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -153,14 +168,56 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
+        _check_config_files(argv)
         _cli(None if from_sys else argv)  # LightningCLI reads sys.argv itself
     except Exception as e:  # user errors surface wrapped by jsonargparse during instantiation
         user_error = _find_user_error(e)
+        if user_error is None and _is_refused_pickle(e):
+            user_error = "refused to load a checkpoint that holds Python objects beyond tensors and plain " \
+                         f"containers (torch.load weights_only=True): {_first_line(e)}. vision_ft never " \
+                         "unpickles arbitrary code; use a checkpoint written by vision_ft, or an adapter (safetensors)"
         if user_error is None:
             raise
         print(f"vision_ft: error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Name the file and line of a YAML syntax error (the parser alone reports neither the file)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: file not found")
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--config {path}:{where}: not valid YAML ({problem})") from None
+
+
+def _is_refused_pickle(e: BaseException | None) -> bool:
+    import pickle
+
+    while e is not None:
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e).lower().replace(" ", "_"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return str(e).strip().splitlines()[0][:300]
 
 
 def _find_user_error(e: BaseException | None) -> VisionFTError | None:

@@ -30,3 +30,7 @@ class AdapterError(VisionFTError, ValueError):
 
 class TrainingError(VisionFTError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""
+
+
+class WriteError(VisionFTError, OSError):
+    """An output file could not be written (disk full, permissions); what was there is unchanged."""

@@ -35,10 +35,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_error(path: Path, e: OSError) -> "WriteError":
+    from .errors import WriteError
+
+    return WriteError(e.errno, f"could not write {path}: {e.strerror or e}; the previous {path.name} "
+                               "(if any) is unchanged and no partial file was left")
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
@@ -50,6 +60,9 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
