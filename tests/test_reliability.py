@@ -220,3 +220,34 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(method, tmp
     m1 = json.loads((_runs(single)[-1] / "adapter.json").read_text())["metrics"]
     assert set(m1) == set(meta["metrics"])
     assert meta["metrics"] == pytest.approx(m1, abs=1e-4)
+
+
+def test_data_dependent_setup_is_the_same_on_both_ranks(tmp_path):
+    """SPT scores sensitivity on training data and allocates its budget from it: one allocation for all ranks."""
+    args = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+            "--test_after_fit=false", "--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2",
+            "--config", str(ROOT / "configs" / "methods" / "spt_lora.yaml"),
+            "--model.init_args.method.init_args.budget=800", "--model.init_args.method.init_args.n_images=32",
+            "--model.init_args.method.init_args.batch_size=8", "--data.init_args.batch_size=8",
+            '--trainer.callbacks+={"class_path": "test_reliability.DumpRankWeights", '
+            f'"init_args": {{"out": "{tmp_path / "ranks"}"}}}}')
+    proc = _subprocess(_args(tmp_path, *args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (load_file(tmp_path / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
+    spt = [k for k in r0 if "spt" in k]
+    assert spt and r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+@pytest.mark.slow
+def test_dr_tune_queue_prefill_is_synced_from_rank_0(tmp_path):
+    """DR-Tune fills its feature queue from each rank's own shard: rank 0's queue is sent to all."""
+    args = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+            "--test_after_fit=false", "--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2",
+            "--model.init_args.method=dr_tune", "--data.init_args.batch_size=8",
+            '--trainer.callbacks+={"class_path": "test_reliability.DumpRankWeights", '
+            f'"init_args": {{"out": "{tmp_path / "ranks"}"}}}}')
+    proc = _subprocess(_args(tmp_path, *args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0's was sent to all ranks" in proc.stdout + proc.stderr
+    run = _runs(tmp_path)[-1]
+    assert json.loads((run / "adapter.json").read_text())["weights_identical_on_all_ranks"] is True

@@ -171,13 +171,30 @@ class BaseTask(pl.LightningModule):
         """Run the method's data-dependent preparation once, before the optimiser exists."""
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # all ranks, see run_dir
         if stage == "fit" and not self.method.prepared and self.trainer.ckpt_path is None:
-            self.method.prepare(self, self.trainer.datamodule)
-            if self.trainer.world_size > 1:
-                self._require_same_on_all_ranks(
-                    self.method.adapter_state_dict(self.backbone),
-                    f"method {self.method.name!r} prepare() decided differently on different ranks (its data-"
-                    "dependent set-up must be deterministic given the seed: same data order, no rank-dependent "
-                    "randomness)")
+            self._prepare_method()
+
+    def _prepare_method(self) -> None:
+        """``method.prepare`` once per run. Under DDP every rank prepares (a method may use
+        collectives inside, as SPT does), but each rank's training loader holds a different
+        shard: where the results differ, rank 0's set-up is sent to the others through
+        ``load_adapter`` (the path resume uses) and checked equal on every rank."""
+        datamodule = self.trainer.datamodule
+        self.method.prepare(self, datamodule)
+        if self.trainer.world_size == 1:
+            return
+        strategy, rank0 = self.trainer.strategy, self.trainer.is_global_zero
+        digest = tensor_digest(self.method.adapter_state_dict(self.backbone))
+        reference = strategy.broadcast(digest, src=0)
+        if not strategy.reduce_boolean_decision(reference != digest, all=False):
+            return
+        state = strategy.broadcast(self.method.adapter_state_dict(self.backbone) if rank0 else None, src=0)
+        if not rank0:
+            self.method.load_adapter(self.backbone, state)
+        rank_zero_info(f"[vision_ft] {self.method.name}: data-dependent set-up differed between ranks "
+                       "(each saw its own data shard); rank 0's was sent to all ranks")
+        self._require_same_on_all_ranks(
+            self.method.adapter_state_dict(self.backbone),
+            f"method {self.method.name!r} set-up still differs between ranks after syncing rank 0's")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("vision_ft")
