@@ -3,6 +3,7 @@
     python -m vision_ft fit --config domains/medical.yaml [--model.init_args.method=lora ...]
     python -m vision_ft methods --backbone vit_base_patch16_224 [--json]
     python -m vision_ft export RUN_DIR --merge --out OUT_DIR
+    python -m vision_ft new-domain NAME --from medical
 """
 
 from __future__ import annotations
@@ -158,7 +159,14 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"methods": cmd_methods, "export": cmd_export}
+def cmd_new_domain(argv: list[str]) -> int:
+    from .scaffold import cmd_new_domain as run
+
+    return run(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"methods": cmd_methods, "export": cmd_export,
+                                                   "new-domain": cmd_new_domain}
 
 
 def main(argv: list[str] | None = None) -> int:

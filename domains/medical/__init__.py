@@ -6,9 +6,13 @@ Names are imported lazily so ``python -m domains.medical.sample`` needs only num
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+
+#: the pack's runnable config (``python -m vision_ft fit --config <CONFIG>``)
+CONFIG = Path(__file__).resolve().parent.parent / "medical.yaml"
 
 _EXPORTS = {"MedicalSampleData": ".data", "CLASS_NAMES": ".sample", "write_sample": ".sample"}
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "CONFIG"])
 
 
 def __getattr__(name: str):
