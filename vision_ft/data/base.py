@@ -263,7 +263,7 @@ class ClassificationData(L.LightningDataModule):
         dataset = self.dataset(split)
         if not shuffle:
             return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0)
+                              persistent_workers=self.num_workers > 0, generator=loader_generator(self.seed))
         return train_loader(dataset, self.batch_size, self.seed, self.num_workers, self.trainer)
 
     def train_dataloader(self) -> DataLoader:
@@ -284,7 +284,15 @@ def train_loader(dataset, batch_size: int, seed: int, num_workers: int = 0, trai
     the trainer's ranks, resumable mid-epoch. Datamodules of every task use it."""
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     sampler = EpochShuffleSampler(dataset, seed, num_replicas=world, rank=rank)
+    kwargs.setdefault("generator", loader_generator(seed))
     loader = ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                  persistent_workers=num_workers > 0, **kwargs)
     loader.trainer = trainer
     return loader
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator: without one, every ``iter(loader)`` draws a worker base seed
+    from the global torch RNG, shifting the dropout/augmentation stream by where a run was
+    resumed. With it, the global stream depends on the training steps alone."""
+    return torch.Generator().manual_seed(int(seed) + 104729)

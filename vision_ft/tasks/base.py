@@ -158,6 +158,7 @@ class BaseTask(pl.LightningModule):
                                             "backbone_fingerprint")}
         checkpoint["vision_ft"]["history"] = self.history
         checkpoint["vision_ft"]["skipped_batches"] = self.skipped_batches
+        checkpoint["vision_ft"]["rng"] = _rng_state()
         if self._ema is not None:
             params = dict(self.named_parameters())
             if self._ema_swapped:  # saved during validation: the live weights sit in self._ema
@@ -225,6 +226,7 @@ class BaseTask(pl.LightningModule):
         self.history = info.get("history", {})
         fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
         self._loader_states = fit_state.get("combined_loader") or []
+        self._rng_to_restore = info.get("rng")
         self.skipped_batches = int(info.get("skipped_batches", 0))
         ema = info.get("ema")
         if ema is not None and self.ema_decay > 0:
@@ -353,6 +355,10 @@ class BaseTask(pl.LightningModule):
         checkpoint is read, but ``estimated_stepping_batches`` (our LR schedule) builds them
         first; the loaders' iterators are lazy, so passing the state here is still in time.
         """
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng:  # dropout, drop-path, MoSA's expert draws... continue the interrupted stream
+            _set_rng_state(rng)
+            self._rng_to_restore = None
         states = getattr(self, "_loader_states", None)
         if not states:
             return
@@ -486,3 +492,32 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors and plain containers (loadable with ``weights_only=True``)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                                       float(cached)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
