@@ -154,8 +154,13 @@ def cmd_export(argv: list[str]) -> int:
     if not a.merge:
         p.error("nothing to do: pass --merge (the run directory already holds the adapter itself)")
     out = export_merged(a.run_dir, a.out, backbone={"checkpoint": a.checkpoint} if a.checkpoint else None)
-    print(f"merged model written to {out} (model.safetensors + config.json, timm native); "
-          f"load with timm.create_model('local-dir:{out}', pretrained=True)")
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    if config.get("architectures"):  # a transformers save_pretrained folder (e.g. the D-FINE detector)
+        print(f"merged model written to {out} ({config['architectures'][0]}, transformers save_pretrained); "
+              f"load with transformers.AutoModelForObjectDetection.from_pretrained('{out}')")
+    else:
+        print(f"merged model written to {out} (model.safetensors + config.json, timm native); "
+              f"load with timm.create_model('local-dir:{out}', pretrained=True)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Medical imaging pack: MedMNIST datamodule with an embedded SYNTHETIC offline sample.
+"""Medical imaging pack: MedMNIST classification and COCO-format detection, each with an
+embedded SYNTHETIC offline sample.
 
 Names are imported lazily so ``python -m domains.medical.sample`` needs only numpy.
 """
@@ -10,9 +11,13 @@ from pathlib import Path
 
 #: the pack's runnable config (``python -m vision_ft fit --config <CONFIG>``)
 CONFIG = Path(__file__).resolve().parent.parent / "medical.yaml"
+#: the detection config (D-FINE on COCO-format polyp / instrument boxes)
+DETECTION_CONFIG = Path(__file__).resolve().parent.parent / "medical_detection.yaml"
 
-_EXPORTS = {"MedicalSampleData": ".data", "CLASS_NAMES": ".sample", "write_sample": ".sample"}
-__all__ = sorted([*_EXPORTS, "CONFIG"])
+_EXPORTS = {"MedicalSampleData": ".data", "CLASS_NAMES": ".sample", "write_sample": ".sample",
+            "MedicalDetectionData": ".detection_data", "kvasir_to_coco": ".detection_data",
+            "write_detection_sample": ".detection_sample"}
+__all__ = sorted([*_EXPORTS, "CONFIG", "DETECTION_CONFIG"])
 
 
 def __getattr__(name: str):

@@ -6,9 +6,11 @@
 - :class:`MedMNISTData`: MedMNIST-style ``.npz`` arrays (single- or multi-label).
 - :class:`DomainFolderData`: ``root/<domain>/<class>/<image>``, leave-one-domain-out.
 - :class:`FewShotSplit`: CoOp-style k-shot draws written to and reused from JSON.
+- :class:`COCODetectionData`: COCO ``instances_*.json`` + images for detection (ids remapped, box-safe augmentation).
 """
 
 from .base import ClassificationData, EpochShuffleSampler, ResumableDataLoader, train_loader
+from .coco import CategoryMap, COCODetectionData, coco_to_cxcywh, cxcywh_to_coco
 from .domains import DomainFolderData, write_domain_sample
 from .few_shot import FewShotSplit, sample_indices
 from .folder import CSVManifestData, ImageFolderData
@@ -17,7 +19,9 @@ from .samples import ArraySamples, FileSamples, ImageDataset, Samples, to_tensor
 
 __all__ = [
     "ArraySamples",
+    "COCODetectionData",
     "CSVManifestData",
+    "CategoryMap",
     "ClassificationData",
     "DomainFolderData",
     "EpochShuffleSampler",
@@ -28,6 +32,8 @@ __all__ = [
     "MedMNISTData",
     "ResumableDataLoader",
     "Samples",
+    "coco_to_cxcywh",
+    "cxcywh_to_coco",
     "npz_headers",
     "sample_indices",
     "to_tensor",

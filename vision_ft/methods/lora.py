@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
+from torch import nn
 
 from ..backbones import Backbone
 from ..errors import ConfigError
 from .base import Method
 from .registry import register
 
-_PEFT_ROLES = ("qkv", "proj", "fc1", "fc2")
+_PEFT_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 
 
 @register
@@ -30,8 +31,9 @@ class LoRA(Method):
         r: rank (8 in the VTAB/FGVC baseline tables).
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the LoRA input path.
-        targets: roles to adapt, any of ``qkv proj fc1 fc2`` (q/k/v separately need a
-            backbone with separate projections; timm fuses them).
+        targets: roles to adapt, any of ``qkv q k v proj fc1 fc2``; ``q``/``k``/``v`` need a
+            backbone with separate projections (transformers models, the D-FINE detector), ``qkv``
+            one with a fused projection (timm ViTs).
         blocks: indices of blocks to adapt (default: all).
     """
 
@@ -61,7 +63,14 @@ class LoRA(Method):
 
     def target_names(self, backbone: Backbone) -> list[str]:
         blocks = range(backbone.num_blocks) if self.blocks is None else self.blocks
-        return [backbone.module_name(i, role) for i in blocks for role in self.targets]
+        names = []
+        for i in blocks:
+            for role in self.targets:
+                if role in ("q", "k", "v") and not isinstance(backbone.linear(i, role), nn.Linear):
+                    raise ConfigError(f"lora target {role!r} is a slice of this backbone's fused qkv projection "
+                                      "(method.init_args.targets); use 'qkv'")
+                names.append(backbone.module_name(i, role))
+        return names
 
     def peft_config(self, backbone: Backbone) -> LoraConfig:
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,

@@ -2,5 +2,6 @@
 
 from .base import BaseTask
 from .classification import ImageClassificationTask
+from .detection import DetectionTask
 
-__all__ = ["BaseTask", "ImageClassificationTask"]
+__all__ = ["BaseTask", "DetectionTask", "ImageClassificationTask"]

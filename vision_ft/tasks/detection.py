@@ -1,0 +1,419 @@
+"""Object detection with D-FINE / RT-DETR: the library's loss, COCOeval, COCO results and drawn boxes.
+
+What trains is the PEFT method's own tensors plus whatever the ``freeze`` policy leaves
+trainable; both are the run's trainable state (checkpoints, adapter, EMA):
+
+=================  =================================================================
+``freeze``         trained besides the method's tensors
+=================  =================================================================
+``none``           everything (full fine-tuning; required with ``method: full``)
+``backbone``       hybrid encoder + decoder + heads; the CNN backbone frozen
+``backbone_encoder`` decoder (incl. query selection and box heads) + class heads
+``all``            the class-dependent heads only (class scores, encoder score head,
+                   denoising label embedding): the PEFT setting for ``lora``
+=================  =================================================================
+
+Default (``freeze: null``): ``none`` for ``full``, ``backbone`` for ``linear`` (the "no
+registry method" path), ``all`` for every other method. Frozen batch norms stay in eval
+mode, so their statistics never drift; trainable ones are saved with their statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from ..backbones.dfine import DFineDetector
+from ..errors import AdapterError, ConfigError
+from ..export import atomic_write_text, update_metrics
+from ..methods import Method
+from ..metrics.coco_eval import COCOEvaluator, STAT_NAMES, to_coco_results
+from .base import BaseTask
+
+FREEZE_POLICIES = {"none": {"backbone", "encoder", "decoder", "class_heads"},
+                   "backbone": {"encoder", "decoder", "class_heads"},
+                   "backbone_encoder": {"decoder", "class_heads"},
+                   "all": {"class_heads"}}
+LOSS_FAMILIES = ("vfl", "bbox", "giou", "fgl", "ddf")
+LOGGED_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+_PREFIX = "backbone.model."
+
+
+class DetectionTask(BaseTask):
+    """D-FINE / RT-DETR detection on COCO-format data.
+
+    Args:
+        backbone: a :class:`~vision_ft.backbones.dfine.DFineDetector`.
+        method: ``linear`` (no added tensors; the freeze policy decides), ``lora`` (targets
+            ``proj fc1 fc2`` of encoder/decoder layers), ``full``, or a ``class_path``.
+        num_classes, class_names: linked from the data; the detector's class heads are sized from them.
+        category_ids: the annotation file's category id of each class (predictions are written
+            with these); taken from the datamodule when unset.
+        freeze: see the module docstring; ``null`` picks by method.
+        loss_layout: ``paper`` (transformers' ``DFineLoss``, outputs paired as in the official
+            D-FINE code) or ``library`` (exactly ``model(..., labels=...).loss``); see docs/detection.md.
+        max_detections: detections kept per image (COCOeval counts at most 100).
+        draw_images: images drawn with their predicted boxes at ``predict`` time.
+        draw_threshold: minimum score of a drawn box.
+        head_lr: learning rate of the class-dependent heads (default ``lr``).
+        (lr, weight_decay, optimizer, warmup, EMA, on_nonfinite: see :class:`BaseTask`;
+        D-FINE's recipe is AdamW lr 2.5e-4, weight decay 1.25e-4, EMA 0.9999.)
+    """
+
+    def __init__(
+        self,
+        backbone: DFineDetector,
+        method: Method | str = "linear",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        category_ids: list[int] | None = None,
+        freeze: Literal["none", "backbone", "backbone_encoder", "all"] | None = None,
+        loss_layout: Literal["paper", "library"] = "paper",
+        max_detections: int = 100,
+        draw_images: int = 4,
+        draw_threshold: float = 0.3,
+        lr: float = 2.5e-4,
+        weight_decay: float = 1.25e-4,
+        head_lr: float | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.0,
+        ema_decay: float = 0.0,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+    ) -> None:
+        if not isinstance(backbone, DFineDetector):
+            raise ConfigError("model.init_args.backbone must be a vision_ft.backbones.dfine.DFineDetector")
+        if class_names is None:
+            if num_classes is None and backbone.class_names is None:
+                raise ConfigError("DetectionTask needs num_classes/class_names (linked from the data)")
+            class_names = backbone.class_names or [f"class_{i}" for i in range(int(num_classes))]
+        if num_classes is not None and int(num_classes) != len(class_names):
+            raise ConfigError(f"model.init_args.num_classes={num_classes} but {len(class_names)} class_names")
+        if category_ids is not None and len(category_ids) != len(class_names):
+            raise ConfigError(f"{len(category_ids)} category_ids for {len(class_names)} classes")
+        if loss_layout not in ("paper", "library"):
+            raise ConfigError(f"model.init_args.loss_layout must be 'paper' or 'library', got {loss_layout!r}")
+        backbone.configure_labels(class_names)  # builds the detector with a head of this size
+        super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr, optimizer=optimizer,
+                         warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio, ema_decay=ema_decay,
+                         on_nonfinite=on_nonfinite)
+        self.class_names, self.num_classes = list(class_names), len(class_names)
+        self.category_ids = [int(c) for c in category_ids] if category_ids is not None else None
+        self.loss_layout, self.max_detections = loss_layout, int(max_detections)
+        self.draw_images, self.draw_threshold = int(draw_images), float(draw_threshold)
+        default = "none" if self.method.name == "full" else "backbone" if self.method.name == "linear" else "all"
+        self.freeze = freeze or default
+        if self.freeze not in FREEZE_POLICIES:
+            raise ConfigError(f"model.init_args.freeze must be one of {sorted(FREEZE_POLICIES)}, got {freeze!r}")
+        if self.method.name == "full" and self.freeze != "none":
+            raise ConfigError("method 'full' trains every parameter; set model.init_args.freeze=none, or use "
+                              "method linear with freeze=backbone / backbone_encoder / all")
+        self._apply_freeze_policy()
+        self.evaluators = {split: COCOEvaluator() for split in ("val", "test", "predict")}
+
+    # --- what trains -------------------------------------------------------------------------
+    def _apply_freeze_policy(self) -> None:
+        parts = FREEZE_POLICIES[self.freeze]
+        for name, p in self.backbone.model.named_parameters():
+            if not self.method.is_trainable(name) and self.backbone.part_of(name) in parts:
+                p.requires_grad_(True)
+        if self.method.prefix and self.freeze != "all":
+            rank_zero_warn(f"method {self.method.name!r} adapts layers that freeze={self.freeze!r} also trains "
+                           "in full; freeze=all is the usual PEFT setting")
+        # trainable state outside the method: canonical parameter names (tied copies once) and the
+        # running statistics of batch norms whose affine parameters train
+        model = self.backbone.model
+        keys = {n for n, p in model.named_parameters() if p.requires_grad and not self.method.is_saved(n)}
+        for mname, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+                    p.requires_grad for p in module.parameters(recurse=False)):
+                keys.update(f"{mname}.{b}" for b, _ in module.named_buffers(recurse=False)
+                            if not self.method.is_saved(f"{mname}.{b}"))
+        self._policy_keys = keys
+        # state-dict aliases of tied parameters (class/box heads are shared by two module paths)
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        self._aliases = {f"{_PREFIX}{n}": f"{_PREFIX}{canonical[id(p)]}"
+                         for n, p in model.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
+
+    def train(self, mode: bool = True) -> "DetectionTask":
+        super().train(mode)
+        if mode:
+            self._freeze_batch_norm_statistics()
+        return self
+
+    def _freeze_batch_norm_statistics(self) -> None:
+        """Frozen batch norms run in eval mode, so training never moves their running statistics."""
+        for module in self.backbone.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters(recurse=False)):
+                module.eval()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._freeze_batch_norm_statistics()  # Lightning 2.6 keeps module modes as they are at fit start
+
+    def on_train_epoch_start(self) -> None:
+        self._freeze_batch_norm_statistics()
+
+    def trainable_report(self) -> dict[str, dict[str, int]]:
+        """Trainable / total parameters per part of the detector (and the method's own)."""
+        report: dict[str, dict[str, int]] = {}
+        for name, p in self.backbone.model.named_parameters():
+            part = "method" if self.method.prefix and self.method.prefix in name else self.backbone.part_of(name)
+            row = report.setdefault(part, {"trainable": 0, "total": 0})
+            row["total"] += p.numel()
+            row["trainable"] += p.numel() if p.requires_grad else 0
+        report["all"] = {k: sum(r[k] for r in report.values()) for k in ("trainable", "total")}
+        return report
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups: the class-dependent heads (new for a new label set) get ``head_lr``,
+        the rest ``lr``; no weight decay on 1-D tensors and method-exempt ones."""
+        buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.backbone.model.named_parameters():
+            if p.requires_grad:
+                head = self.backbone.part_of(name) == "class_heads" and not self.method.is_trainable(name)
+                buckets.setdefault((head, self.method.no_weight_decay(name, p)), []).append(p)
+        return [{"params": params, "weight_decay": 0.0 if no_decay else self.weight_decay,
+                 "lr": (self.head_lr or self.lr) if head else self.lr}
+                for (head, no_decay), params in sorted(buckets.items())]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        rows = ", ".join(f"{part} {r['trainable']:,}/{r['total']:,}" for part, r in self.trainable_report().items())
+        rank_zero_info(f"[vision_ft] freeze={self.freeze}: trainable/total parameters: {rows}")
+
+    # --- saved state: method tensors + policy-trained tensors --------------------------------
+    def saved_key(self, key: str) -> bool:
+        hidden = getattr(self, "_hide_policy", False)
+        if key.startswith(_PREFIX) and key[len(_PREFIX):] in self._policy_keys and not hidden:
+            return True
+        return super().saved_key(key)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = super().adapter_tensors()
+        state = self.backbone.model.state_dict()
+        out.update({f"{_PREFIX}{k}": state[k].detach().clone() for k in sorted(self._policy_keys)})
+        return out
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = {f"{_PREFIX}{k}" for k in self._policy_keys}
+        self._check_policy_tensors(own, {k: v for k, v in tensors.items() if k in own}, "adapter")
+        super().load_adapter_tensors({k: v for k, v in tensors.items() if k not in own})
+        state = self.backbone.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for k in own:
+                state[k[len(_PREFIX):]].copy_(tensors[k])
+
+    def _check_policy_tensors(self, own: set[str], theirs: dict[str, torch.Tensor], what: str) -> None:
+        state = self.state_dict()
+        missing = sorted(own - set(theirs))
+        bad = sorted(k for k in theirs if tuple(theirs[k].shape) != tuple(state[k].shape))
+        if missing or bad:
+            raise AdapterError(f"{what} does not fit this detector (freeze={self.freeze!r}, {self.num_classes} "
+                               f"classes): {len(missing)} missing, {len(bad)} misshapen tensors "
+                               f"(first: {(missing or bad)[0]}); was it trained with another freeze policy or data?")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self._sync_aliases(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        own = {f"{_PREFIX}{k}" for k in self._policy_keys}
+        policy = {k: state.pop(k) for k in list(state) if k in own}
+        self._check_policy_tensors(own, policy, "checkpoint")
+        self._hide_policy = True  # the base checks the method's tensors only
+        try:
+            super().on_load_checkpoint(checkpoint)
+        finally:
+            self._hide_policy = False
+            for k, v in policy.items():
+                state.setdefault(k, v)  # the base may have put averaged (EMA) values there already
+        self._sync_aliases(state)
+
+    def _sync_aliases(self, state: dict[str, torch.Tensor]) -> None:
+        """Tied tensors appear under two names; both must carry the same value (EMA swaps one)."""
+        for alias, canonical in self._aliases.items():
+            if canonical in state and alias in state:
+                state[alias] = state[canonical]
+
+    def task_metadata(self) -> dict[str, Any]:
+        args = {"num_classes": self.num_classes, "class_names": self.class_names, "category_ids": self.category_ids,
+                "freeze": self.freeze, "loss_layout": self.loss_layout, "max_detections": self.max_detections}
+        return {"num_classes": self.num_classes, "class_names": self.class_names, "category_ids": self.category_ids,
+                "freeze": self.freeze, "trainable_report": self.trainable_report(), "task_args": args}
+
+    # --- data link -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "coco"):
+            raise ConfigError("DetectionTask needs a COCO datamodule (data.class_path: vision_ft.data.coco."
+                              "COCODetectionData or a subclass)")
+        if self.category_ids is None:
+            self.category_ids = list(dm.category_ids)
+        elif list(dm.category_ids) != self.category_ids:
+            raise ConfigError(f"the model was built for category ids {self.category_ids} but the data has "
+                              f"{list(dm.category_ids)}")
+
+    # --- steps -----------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor):
+        """Images in [0, 1] (B,3,H,W) → the detector's raw outputs (logits, pred_boxes...)."""
+        return self.backbone(self.backbone.preprocess(images))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        inputs = self.backbone.preprocess(batch["pixel_values"])  # targets are normalised: resizing keeps them
+        loss, terms = self.backbone.detection_loss(inputs, batch["labels"], layout=self.loss_layout)
+        loss = self.checked_loss(self.add_regularizers(loss, {"inputs": inputs, "loss_terms": terms}, batch))
+        if loss is None:
+            return None
+        n = len(batch["labels"])
+        for family in LOSS_FAMILIES:  # each term summed over layers (final, aux, pre, encoder, denoising)
+            parts = [v for k, v in terms.items() if k == f"loss_{family}" or k.startswith(f"loss_{family}_")]
+            if parts:
+                self.log(f"train/loss_{family}", torch.stack(parts).sum().detach(), batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.train_loss_epoch.update(loss.detach())
+        if self.global_step % 10 == 0:
+            steps = max(1, self.trainer.num_training_batches)
+            self.record("train/loss_step", loss.item(), x=self.current_epoch + batch_idx / steps)
+        return loss
+
+    def _detect(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        detections = self.backbone.detect(self.backbone.preprocess(batch["pixel_values"]), batch["orig_sizes"],
+                                          max_detections=self.max_detections)
+        return to_coco_results(batch["image_ids"].tolist(), detections, self.category_ids)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluators["val"].update(batch["image_ids"].tolist(), self._detect(batch))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluators["test"].update(batch["image_ids"].tolist(), self._detect(batch))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        results = self._detect(batch)
+        self.evaluators["predict"].update(batch["image_ids"].tolist(), results)
+        return results
+
+    def _score(self, split: str) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
+        dm = self.trainer.datamodule
+        (stats, per_class, printed), results = self.evaluators[split].compute(dm.coco(split), self.class_names)
+        self.evaluators[split].reset()
+        summary = "\n".join(line for line in printed.splitlines() if line.lstrip().startswith("Average"))
+        rank_zero_info(f"[vision_ft] COCOeval ({split}, {len(results)} detections):\n{summary}")
+        return stats, per_class, results
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.evaluators["val"].reset()
+            return
+        stats, _, _ = self._score("val")
+        for name in LOGGED_STATS:  # pycocotools' -1 (no ground truth in that area range) is not a score
+            if stats[name] >= 0 or name == "AP":
+                self.log(f"val/{name}", stats[name], prog_bar=name in ("AP", "AP50"))
+
+    def on_test_epoch_end(self) -> None:
+        stats, per_class, results = self._score("test")
+        for name in STAT_NAMES:
+            if stats[name] >= 0 or name == "AP":
+                self.log(f"test/{name}", stats[name])
+        for name, value in per_class.items():
+            if value >= 0:
+                self.log(f"test/AP_{name}", value)
+        self._test_results = (results, per_class)
+
+    def on_test_end(self) -> None:
+        """Write the test detections (COCO results JSON), the per-class AP plot, and add metrics to adapter.json."""
+        if not self.trainer.is_global_zero or not hasattr(self, "_test_results") or self.trainer.fast_dev_run:
+            return
+        results, per_class = self._test_results
+        run_dir = self.run_dir
+        atomic_write_text(run_dir / "predictions_test.json", json.dumps(results) + "\n")
+        from ..plots import plot_per_label
+
+        plot_per_label([max(v, 0.0) for v in per_class.values()], list(per_class), run_dir / "per_class_ap.png",
+                       metric="AP")
+        if (run_dir / "adapter.json").is_file():
+            update_metrics(run_dir, self.final_metrics("test/"))
+            rank_zero_info(f"[vision_ft] test metrics added to {run_dir / 'adapter.json'}")
+
+    def on_predict_epoch_end(self) -> None:
+        results, image_ids = self.evaluators["predict"].gathered()
+        self.evaluators["predict"].reset()
+        if not self.trainer.is_global_zero:
+            return
+        out = self.run_dir
+        atomic_write_text(out / "predictions.json", json.dumps(results) + "\n")
+        dm = self.trainer.datamodule
+        drawn = [draw_detections(dm.image_path("test", i), [r for r in results if r["image_id"] == i],
+                                 self._names_by_id(), out / "predictions" / f"{i}.png", self.draw_threshold)
+                 for i in image_ids[: self.draw_images]]
+        rank_zero_info(f"[vision_ft] {len(results)} detections on {len(image_ids)} images written to "
+                       f"{out / 'predictions.json'} (COCO results format); {len(drawn)} drawn in {out / 'predictions'}")
+
+    def _names_by_id(self) -> dict[int, str]:
+        return dict(zip(self.category_ids, self.class_names))
+
+    # --- inference and export ------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_images(self, images: Sequence[str | Path], threshold: float = 0.3) -> list[list[dict[str, Any]]]:
+        """Detections for image files: per image a list of ``{"category_id", "label", "bbox" (COCO xywh
+        pixels), "score"}``, best first."""
+        from PIL import Image
+
+        from ..data.coco import image_to_tensor
+
+        self.eval()
+        names = self._names_by_id()
+        out = []
+        for path in images:
+            with Image.open(path) as im:
+                pixels = image_to_tensor(im)
+            size = torch.tensor([pixels.shape[-2:]], device=self.device)
+            det = self.backbone.detect(self.backbone.preprocess(pixels[None].to(self.device)), size,
+                                       max_detections=self.max_detections, threshold=threshold)
+            rows = to_coco_results([0], det, self.category_ids or list(range(self.num_classes)))
+            out.append([{"category_id": r["category_id"], "label": names.get(r["category_id"], str(r["category_id"])),
+                         "bbox": r["bbox"], "score": r["score"]} for r in rows])
+        return out
+
+    def export_native(self, out_dir: str | Path) -> Path:
+        """The (merged) detector in transformers' format (``save_pretrained``) + its image processor config."""
+        from transformers import RTDetrImageProcessor
+
+        out_dir = Path(out_dir)
+        leftovers = [k for k in self.backbone.model.state_dict() if self.method.prefix and self.method.prefix in k]
+        if leftovers:
+            raise RuntimeError(f"merge left method tensors behind: {leftovers[:3]}")
+        self.backbone.model.save_pretrained(out_dir)
+        size = self.backbone.image_size
+        RTDetrImageProcessor(size={"height": size, "width": size}, do_normalize=False).save_pretrained(out_dir)
+        return out_dir
+
+
+def draw_detections(image_path: Path, results: list[dict[str, Any]], names: dict[int, str], out_path: Path,
+                    threshold: float = 0.3) -> Path:
+    """The image with its detections (score >= ``threshold``) drawn as labelled boxes, as PNG."""
+    from PIL import Image, ImageDraw
+
+    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+    with Image.open(image_path) as im:
+        canvas = im.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    ids = sorted(names)
+    for r in sorted(results, key=lambda r: r["score"]):
+        if r["score"] < threshold:
+            continue
+        x, y, w, h = r["bbox"]
+        colour = palette[ids.index(r["category_id"]) % len(palette)] if r["category_id"] in names else (255, 255, 255)
+        draw.rectangle([x, y, x + w, y + h], outline=colour, width=max(1, round(min(canvas.size) / 160)))
+        draw.text((x + 2, y + 1), f"{names.get(r['category_id'], r['category_id'])} {r['score']:.2f}", fill=colour)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_path)
+    return out_path
