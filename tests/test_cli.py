@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,13 @@ def test_every_config_fragment_stacks_on_the_medical_config(fragment, tmp_path, 
     if "accelerator: gpu" in text and not torch.cuda.is_available():
         pytest.skip("GPU-only trainer fragment (FSDP/DeepSpeed); runs where a GPU is present")
     config = (MEDICAL, TINY, fragment) if "backbones/" not in fragment else (MEDICAL, fragment)
-    code = _fit(tmp_path, "--trainer.fast_dev_run=true", config=config)
+    try:
+        code = _fit(tmp_path, "--trainer.fast_dev_run=true", config=config)
+    finally:  # a 1-process DDP run leaves its process group and rendezvous variables behind
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for var in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+            os.environ.pop(var, None)
     if "pretrained: true" in text:  # offline: the clear error naming the key, no traceback
         assert code == 2
         assert "backbone.init_args.checkpoint" in capsys.readouterr().err

@@ -53,8 +53,11 @@ def _args(tmp: Path, *extra: str) -> list[str]:
 
 
 def _subprocess(args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # a fresh launch: no rendezvous variables inherited from an in-process DDP run of another test
+    dist_vars = {"MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
+                 "GROUP_RANK", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "vision_ft", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
