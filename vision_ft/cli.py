@@ -4,6 +4,7 @@
     python -m vision_ft methods --backbone vit_base_patch16_224 [--json]
     python -m vision_ft export RUN_DIR --merge --out OUT_DIR
     python -m vision_ft new-domain NAME --from medical
+    python -m vision_ft bench {params,train,infer,all,transfer} [--quick]
 """
 
 from __future__ import annotations
@@ -164,6 +165,12 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from .bench import cmd_bench as run
+
+    return run(argv)
+
+
 def cmd_new_domain(argv: list[str]) -> int:
     from .scaffold import cmd_new_domain as run
 
@@ -171,7 +178,7 @@ def cmd_new_domain(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"methods": cmd_methods, "export": cmd_export,
-                                                   "new-domain": cmd_new_domain}
+                                                   "bench": cmd_bench, "new-domain": cmd_new_domain}
 
 
 def main(argv: list[str] | None = None) -> int:

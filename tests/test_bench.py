@@ -1,0 +1,222 @@
+"""`python -m vision_ft bench` on a tiny ViT: every registered method, real counts, ratios, goals, the page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vision_ft.bench import cmd_bench, write_report
+from vision_ft.bench.common import MethodSpec, RandomData, Settings, parse_methods
+from vision_ft.errors import ConfigError
+from vision_ft.methods import registered
+
+METHODS = sorted(registered())
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One quick `bench all` (params + train + infer) for the module; its JSON output and folder."""
+    out = tmp_path_factory.mktemp("bench")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(buf):
+        assert cmd_bench(["all", "--quick", "--threads", "1", "--out", str(out), "--json"]) == 0
+    assert torch.get_num_threads() == threads  # --threads applies to the command only
+    return json.loads(buf.getvalue()), out
+
+
+def _rows(result, section):
+    return {r["method"]: r for r in result[section]["result"]["rows"]}
+
+
+def test_every_registered_method_has_a_row_in_every_section(quick):
+    result, out = quick
+    for section in ("params", "train", "infer"):
+        assert sorted(_rows(result, section)) == METHODS, section
+        saved = json.loads((out / f"bench_{section}.json").read_text())
+        assert saved["meta"]["command"].startswith("python -m vision_ft bench all --quick")
+        assert saved["meta"]["machine"]["torch_threads"] == 1
+    assert result["params"]["meta"]["settings"]["backbone"] == "vit_test_tiny"
+
+
+def test_parameter_counts_are_the_methods_own(quick):
+    from vision_ft.backbones import TimmViT
+    from vision_ft.tasks import ImageClassificationTask
+
+    result, _ = quick
+    rows = _rows(result, "params")
+    base = sum(p.numel() for p in TimmViT("vit_test_tiny").model.parameters())
+    assert result["params"]["result"]["base_params"] == base
+    for name in METHODS:
+        task = ImageClassificationTask(TimmViT("vit_test_tiny"), method=name, num_classes=3)
+        if task.method.requires_data:  # the bench prepares on its random data: do the same here
+            task.method.prepare(task, RandomData(3, n=8, size=32, batch_size=2, seed=1))
+        count = task.method.trainable_parameters(task.backbone)
+        row = rows[name]
+        assert row["trainable_params"] == count, name
+        assert row["trainable_with_head"] == count + 32 * 3 + 3, name
+        assert row["paper_match"] is None  # only compared on vit_base_patch16_224
+    assert rows["full"]["trainable_params"] == base and rows["linear"]["trainable_params"] == 0
+    assert rows["mosa"]["deployed_params"] < rows["mosa"]["trainable_params"]  # experts folded at train end
+
+
+def test_train_ratios_and_exact_state_bytes(quick):
+    result, _ = quick
+    train = result["train"]["result"]
+    ref = train["reference"]
+    n_full = 32_224 + 32 * 3 + 3
+    tensors_full = sum(1 for _ in _full_parameter_tensors())
+    assert ref["memory"]["grad_bytes"] == 4 * n_full
+    assert ref["memory"]["optimizer_bytes"] == 8 * n_full + 4 * tensors_full  # two moments + a step scalar each
+    assert len(ref["time"]["samples_s"]) == 2 * 2  # timed first and last, 2 repeats each
+    rows = _rows(result, "train")
+    for name, row in rows.items():
+        assert row["ratio_vs_full"] == pytest.approx(row["time"]["median_s"] / ref["time"]["median_s"])
+        assert len(row["time"]["samples_s"]) == 2
+        assert row["memory"]["activation_bytes"] > 0 or name == "linear"
+    lin = rows["linear"]["memory"]
+    assert lin["grad_bytes"] == 4 * (32 * 3 + 3)  # only the head has gradients
+    assert lin["ideal_saving_bytes"] == 12 * 32_224 and lin["saving_fraction"] == pytest.approx(1.0, abs=0.02)
+    assert rows["dr_tune"]["memory"]["ideal_saving_bytes"] == 0  # trains every base weight
+    assert rows["dr_tune"]["memory"]["realised_saving_bytes"] < 0  # and holds a frozen copy on top
+    family = {n for n, r in rows.items() if r["lora_family"]}
+    assert family == {"lora", "pego", "snell", "spt_lora"}
+    for name in family:
+        assert rows[name]["ratio_vs_peft"] > 0 and rows[name]["peft_twin"]["r"] >= 1
+    assert rows["lora"]["peft_twin"]["trainable_params"] == rows["lora"]["trainable_params"]
+    assert "ratio_vs_peft" not in rows["ssf"]
+
+
+def _full_parameter_tensors():
+    from vision_ft.backbones import TimmViT
+
+    yield from TimmViT("vit_test_tiny").model.parameters()
+    yield from torch.nn.Linear(32, 3).parameters()
+
+
+def test_merged_inference_is_the_plain_model_and_has_a_ratio(quick):
+    result, _ = quick
+    for name, row in _rows(result, "infer").items():
+        assert row["unmerged_ratio"] > 0
+        if registered()[name].mergeable:
+            assert row["merged_ratio"] > 0 and row["merged_plain_model"] is True, name
+        else:
+            assert row["merged_ratio"] is None and "not mergeable" in row["why_unmerged"]
+
+
+def test_goals_cover_every_method_and_misses_carry_a_reason(quick):
+    result, _ = quick
+    goals = result["goals"]
+    for name in METHODS:
+        kinds = {g["goal"] for g in goals if g["method"] == name}
+        if name != "full":
+            assert {"time", "memory"} <= kinds, name
+        if registered()[name].mergeable:
+            assert "merge" in kinds
+    assert {g["method"] for g in goals if g["goal"] == "peft"} == {"lora", "pego", "snell", "spt_lora"}
+    dr = next(g for g in goals if g["method"] == "dr_tune" and g["goal"] == "memory")
+    assert dr["met"] is False and "frozen copy" in dr["why"]
+    for g in goals:
+        assert (g["why"] is not None) == (g["met"] is False)
+
+
+def test_report_page_has_tables_plots_command_and_machine(quick, tmp_path):
+    _, out = quick
+    page = write_report(out, tmp_path / "benchmarks.md")
+    text = page.read_text()
+    cpu = json.loads((out / "bench_train.json").read_text())["meta"]["machine"]["cpu"]
+    assert "`python -m vision_ft bench all --quick" in text and cpu in text
+    for name in METHODS:
+        assert f"| {name} |" in text
+    for heading in ("## Trainable parameters", "## Training step", "## Inference latency", "## Goals"):
+        assert heading in text
+    png = tmp_path / "benchmarks" / "ratios.png"
+    assert f"({png.parent.name}/ratios.png)" in text and png.read_bytes()[:8] == PNG
+
+
+def test_method_specs_variants_and_errors():
+    specs = parse_methods(["lora,ssf", "mosa:consistency=true:bottleneck=16"], {"lora": {"r": 4}})
+    assert [s.label for s in specs] == ["lora[r=4]", "ssf", "mosa[bottleneck=16,consistency=true]"]
+    mosa = specs[2].build()
+    assert mosa.consistency is True and mosa.bottleneck == 16
+    assert [s.name for s in parse_methods(None)] == METHODS
+    with pytest.raises(ConfigError, match="Did you mean 'lora'"):
+        parse_methods(["lroa"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_methods(["lora:r"])
+    with pytest.raises(ConfigError, match="--method-args"):
+        cmd_bench(["params", "--quick", "--method-args", "{not json"])
+    with pytest.raises(ConfigError, match="no CUDA"):
+        if not torch.cuda.is_available():
+            cmd_bench(["params", "--quick", "--device", "cuda"])
+        else:  # pragma: no cover - GPU machines
+            raise ConfigError("no CUDA (skipped: a GPU is present)")
+
+
+def test_peak_memory_child_measures_a_training_step():
+    """The fresh-process measurement's own code, run in this process (the subprocess test is slow)."""
+    from vision_ft.bench.memory import measure
+
+    settings = Settings(backbone="vit_test_tiny", batch_size=2, num_classes=3, rss_steps=1)
+    result = measure({"settings": settings.to_dict(), "threads": 1, "spec": {"name": "lora", "args": []}})
+    assert result["peak_bytes"] >= 0 and result["baseline_bytes"] > 0 and "RSS" in result["how"]
+
+
+@pytest.mark.slow
+def test_peak_memory_in_fresh_processes_full_above_linear(tmp_path):
+    """Full fine-tuning allocates gradients and AdamW moments for every weight: its peak is higher."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cmd_bench(["train", "--backbone", "vit_test_small", "--batch-size", "4", "--num-classes", "3",
+                   "--warmup", "1", "--repeats", "1", "--methods", "linear", "--rss", "--threads", "1",
+                   "--out", str(tmp_path), "--json"])
+    train = json.loads(buf.getvalue())["train"]["result"]
+    full_peak = train["reference"]["peak"]["peak_bytes"]
+    linear_peak = train["rows"][0]["peak"]["peak_bytes"]
+    assert full_peak > linear_peak > 0
+
+
+def test_transfer_testbed_reports_accuracy_params_and_retention(tmp_path):
+    import contextlib
+    import io
+
+    args = ["transfer", "--quick", "--threads", "1", "--out", str(tmp_path), "--methods", "linear", "full", "lora",
+            "--seeds", "0", "1", "--json"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cmd_bench(args) == 0
+    result = json.loads(buf.getvalue())["transfer"]["result"]
+    assert result["checkpoint_reused"] is False and Path(result["checkpoint"]).is_file()
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["linear", "full", "lora"]
+    # the backbone of a linear probe does not change: retention is the source accuracy, exactly
+    assert [r["retention"] for r in rows["linear"]["runs"]] == [result["source_acc"]] * 2
+    assert rows["linear"]["trainable_params"] == 0
+    from safetensors.torch import load_file
+
+    source_params = sum(t.numel() for t in load_file(result["checkpoint"]).values())
+    assert rows["full"]["trainable_params"] == source_params > rows["lora"]["trainable_params"] > 0
+    import statistics
+
+    accs = [r["target_acc"] for r in rows["lora"]["runs"]]
+    assert rows["lora"]["target_acc_mean"] == pytest.approx(statistics.fmean(accs))
+    assert rows["lora"]["target_acc_std"] == pytest.approx(statistics.stdev(accs))
+    # second run: the cached source model is reused and gives the same source accuracy
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cmd_bench(["transfer", "--quick", "--threads", "1", "--out", str(tmp_path), "--methods", "linear",
+                   "--seeds", "0", "--json", "--report", str(tmp_path / "page.md")])
+    again = json.loads(buf.getvalue())["transfer"]["result"]
+    assert again["checkpoint_reused"] is True and again["source_acc"] == result["source_acc"]
+    assert (tmp_path / "page" / "transfer.png").read_bytes()[:8] == PNG
+    assert "## Transfer testbed" in (tmp_path / "page.md").read_text()

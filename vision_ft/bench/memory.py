@@ -1,0 +1,127 @@
+"""Peak memory of a few training steps, measured in a fresh process.
+
+``python -m vision_ft.bench.memory CONFIG.json`` builds one model (a registered method
+or the peft LoRA twin), records its RSS, resets the kernel's peak-RSS mark
+(``/proc/self/clear_refs``, Linux >= 4.0; otherwise a sampling thread watches the
+RSS) and runs the steps. It prints one JSON line: the peak RSS over the steps
+minus the RSS before them. A fresh process keeps other models' freed memory, which
+the allocator would reuse, out of the number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _rss_bytes() -> int:
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 1024  # the mark really moved down
+
+
+class _Sampler:
+    """Fallback: poll the RSS every millisecond on a thread and keep the maximum."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __enter__(self) -> "_Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def build_for_memory(spec: Any, settings: Any, cache: Any) -> Any:
+    """The model to measure: a :class:`MethodSpec` through the registry, or a peft twin dict."""
+    from .common import MethodSpec, build_task
+    from .family import build_peft_task
+
+    if isinstance(spec, MethodSpec):
+        return build_task(spec, settings, cache)
+    return build_peft_task(settings, spec["r"], spec["alpha"], spec["modules"])
+
+
+def measure(config: dict[str, Any]) -> dict[str, Any]:
+    from .common import MethodSpec, PreparedCache, Settings, input_size, optimizer_for, quiet_logging, random_batch, train_step
+
+    settings = Settings(**config["settings"])
+    torch.set_num_threads(int(config.get("threads") or settings.threads))
+    if "spec" in config:
+        spec: Any = MethodSpec(config["spec"]["name"], tuple(tuple(a) for a in config["spec"]["args"]))
+        cache = PreparedCache()
+        if config.get("prepared"):
+            from safetensors.torch import load_file
+
+            cache.put(spec, load_file(config["prepared"]))
+    else:
+        spec, cache = config["peft"], None
+    task = build_for_memory(spec, settings, cache)
+    batch = random_batch(settings, input_size(settings), seed=settings.seed)
+    opt = optimizer_for(task)
+    task.train()
+    base = _rss_bytes()
+    how = "VmHWM after clear_refs"
+    if _reset_peak():
+        with quiet_logging():
+            for _ in range(settings.rss_steps):
+                train_step(task, batch, opt)
+        peak = (_status_kib("VmHWM") or 0) * 1024
+    else:
+        how = "RSS sampled every 1 ms"
+        with _Sampler() as sampler, quiet_logging():
+            for _ in range(settings.rss_steps):
+                train_step(task, batch, opt)
+        peak = sampler.peak
+    return {"peak_bytes": int(peak - base), "baseline_bytes": int(base), "how": f"peak RSS ({how}) - RSS after build"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = json.loads(Path(argv[0]).read_text())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(json.dumps(measure(config)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""Goals, terminal tables, the Markdown page and its PNG plots.
+
+The page is rendered from the section files a run wrote (``bench_params.json``,
+``bench_train.json``, ``bench_infer.json``, ``bench_transfer.json``): every number
+on it comes from a measurement, with the command and machine that produced it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+#: a PEFT step skips the weight-gradient products of frozen layers (~1/3 of a step)
+TIME_GOAL = 0.70
+#: share of the ideal saving (grad + 2 AdamW moments of every frozen base weight) realised
+MEMORY_GOAL = 0.90
+#: LoRA-family step time vs HF peft's LoRA of the same rank and targets
+PEFT_GOAL = 1.05
+#: merged model latency vs the untouched base model
+MERGE_GOAL = 1.02
+
+#: why a method misses a goal, from what its training step does (shown when it misses)
+WHY: dict[tuple[str, str], str] = {
+    ("dr_tune", "time"): "DR-Tune is full fine-tuning (every weight-gradient product is computed) plus a "
+                         "no-grad forward of the frozen pretrained copy on every batch and the queue term.",
+    ("dr_tune", "memory"): "DR-Tune trains every weight (no frozen base weights, so no saving is possible) and "
+                           "holds a frozen copy of the backbone plus the feature queues on top of full "
+                           "fine-tuning's state.",
+    ("mosa", "time"): "MoSA keeps N=4 Up experts per block and masks the drawn expert's gradient "
+                      "(torch.where over a d x b matrix per block); with consistency=true it runs a second "
+                      "stochastic forward and backward.",
+    ("snell", "time"): "SNELL builds every adapted d_out x d_in update from its kernel (cdist of the factors), "
+                       "sparsifies it with kthvalue over all entries, and recomputes it in backward "
+                       "(checkpoint) — dense matrix work the size of the frozen weights, every step.",
+    ("snell", "peft"): "SNELL's update is a dense kernel matrix sparsified each step, not a rank-r product: "
+                       "see its time entry.",
+    ("snell", "memory"): "SNELL's kernel and mask are dense d_out x d_in temporaries in every adapted layer.",
+    ("spt_lora", "time"): "SPT adds sparse deltas through a custom autograd function (gather/scatter over the "
+                          "selected entries) besides its LoRA modules, and trains bias / LayerNorm vectors.",
+    ("spt_adapter", "time"): "SPT adds sparse deltas through a custom autograd function (gather/scatter over the "
+                             "selected entries) besides its adapters, and trains bias / LayerNorm vectors.",
+    ("spt_lora", "peft"): "the peft twin has SPT's LoRA modules only; SPT's sparse deltas and vectors add "
+                          "their own gather/scatter work.",
+    ("ssf", "time"): "SSF scales and shifts the output of every linear, norm and the patch embedding: "
+                     "elementwise passes over every activation in forward and backward, and its gradients "
+                     "need a reduction over all tokens per channel.",
+    ("lora", "peft"): "our lora is HF peft's own LoraModel injected in place, the same layers as the twin: the "
+                      "gap is timing noise (compare the spread column).",
+    ("pego", "peft"): "PEGO adds its updates through forward hooks into q and v slices and computes the "
+                      "orthogonality regulariser (products with the frozen weights) every step.",
+    ("pego", "time"): "PEGO's orthogonality regulariser multiplies every adapted frozen q/v weight with the "
+                      "LoRA factors every step.",
+}
+
+
+# --- goals -------------------------------------------------------------------------------------------
+def evaluate_goals(train: dict[str, Any] | None, infer: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per (method, goal) with the measured value, the target, whether it is met and why not."""
+    rows: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any], goal: str, text: str, value: float | None, target: float, lower: bool,
+            met: bool | None = None, shown: str | None = None, why: str | None = None) -> None:
+        if met is None and value is not None:
+            met = value <= target if lower else value >= target
+        if met is False and why is None:
+            why = WHY.get((row["name"], goal)) or (
+                f"not analysed yet: add the reason to vision_ft/bench/report.py WHY[({row['name']!r}, {goal!r})]")
+        rows.append({"method": row["method"], "name": row["name"], "goal": goal, "what": text, "value": value,
+                     "shown": shown if shown is not None else _x(value), "target": target,
+                     "comparison": "<=" if lower else ">=", "met": met, "why": why if met is False else None})
+
+    if train:
+        for r in train["rows"]:
+            if r["name"] == "full":
+                continue
+            add(r, "time", "train step / full fine-tuning", r.get("ratio_vs_full"), TIME_GOAL, True)
+            mem = r["memory"]
+            ideal, realised = mem["ideal_saving_bytes"], mem["realised_saving_bytes"]
+            fraction = mem.get("saving_fraction")
+            shown = f"{100 * fraction:.1f}%" if fraction is not None else \
+                f"{realised / 2**20:+,.1f} MB (no frozen base weights)"
+            add(r, "memory", "realised / ideal saving of persistent state", fraction, MEMORY_GOAL, False,
+                met=realised >= MEMORY_GOAL * ideal, shown=shown)
+            if r.get("ratio_vs_peft") is not None:
+                add(r, "peft", "train step / peft LoRA twin", r["ratio_vs_peft"], PEFT_GOAL, True)
+    if infer:
+        for r in infer["rows"]:
+            if r.get("merged_ratio") is None:
+                continue
+            why = None
+            if r.get("merged_plain_model") and r["merged_ratio"] > MERGE_GOAL:
+                why = (f"the merged model is the plain timm model (no hooks, the base parameter count), so the "
+                       f"gap is timing noise: the base model's own spread in this row is "
+                       f"{100 * r['base_merged']['spread']:.0f}% of its median.")
+            add(r, "merge", "merged latency / base model", r["merged_ratio"], MERGE_GOAL, True, why=why)
+    return rows
+
+
+# --- formatting --------------------------------------------------------------------------------------
+def _n(v: int | None) -> str:
+    return "—" if v is None else f"{v:,}"
+
+
+def _x(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _mb(v: int | float | None) -> str:
+    return "—" if v is None else f"{v / 2**20:,.1f}"
+
+
+def _ms(v: float | None) -> str:
+    return "—" if v is None else f"{1000 * v:,.1f}"
+
+
+def _met(v: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "n/a"}[v]
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 3) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def params_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "trainable (no head)", "with head", "% of base", "deployed", "paper (ViT-B/16)", "matches"]
+    rows = []
+    for r in result["rows"]:
+        paper = r.get("paper")
+        rows.append([r["method"], _n(r["trainable_params"]) + ("*" if r["requires_data"] else ""),
+                     _n(r["trainable_with_head"]), f"{r['percent_of_base']:.3f}", _n(r["deployed_params"]),
+                     paper["text"] if paper else "—", _met(r.get("paper_match"))])
+    return head, rows
+
+
+def train_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "trainable", "step ms (median)", "spread", "× full", "× peft twin", "persistent MB",
+            "grads+AdamW MB", "activations MB", "saving realised", "peak MB", "peak × full"]
+    ref = result["reference"]
+    rows = [["full (reference)", _n(ref["trainable_params"]), _ms(ref["time"]["median_s"]),
+             _x(ref["time"]["spread"]), "1.00", "—", _mb(ref["memory"]["persistent_bytes"]),
+             _mb(ref["memory"]["train_state_bytes"]), _mb(ref["memory"]["activation_bytes"]), "—",
+             _mb((ref.get("peak") or {}).get("peak_bytes")), "1.00" if ref.get("peak") else "—"]]
+    for r in result["rows"]:
+        mem, peak = r["memory"], r.get("peak") or {}
+        rows.append([r["method"], _n(r["trainable_params"]), _ms(r["time"]["median_s"]), _x(r["time"]["spread"]),
+                     _x(r.get("ratio_vs_full")), _x(r.get("ratio_vs_peft")), _mb(mem["persistent_bytes"]),
+                     _mb(mem["train_state_bytes"]), _mb(mem["activation_bytes"]),
+                     "—" if mem.get("saving_fraction") is None else f"{100 * mem['saving_fraction']:.1f}%",
+                     _mb(peak.get("peak_bytes")), _x(peak.get("ratio_vs_full"))])
+    for p in result.get("peft", []):
+        rows.append([f"peft LoRA r={p['r']} ({len(p['modules'])} modules)", _n(p["trainable_params"]),
+                     _ms(p["time"]["median_s"]), _x(p["time"]["spread"]),
+                     _x(p["time"]["median_s"] / ref["time"]["median_s"]), "1.00",
+                     _mb(p["memory"]["persistent_bytes"]), _mb(p["memory"]["train_state_bytes"]),
+                     _mb(p["memory"]["activation_bytes"]), "—", "—", "—"])
+    return head, rows
+
+
+def infer_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "base ms", "unmerged ms", "unmerged × base", "merged ms", "merged × base", "merged is plain timm"]
+    rows = []
+    for r in result["rows"]:
+        merged = r.get("merged")
+        rows.append([r["method"], _ms(r["base"]["median_s"]), _ms(r["unmerged"]["median_s"]), _x(r["unmerged_ratio"]),
+                     _ms(merged["median_s"]) if merged else "not mergeable", _x(r.get("merged_ratio")),
+                     {True: "yes", False: "no", None: "—"}[r.get("merged_plain_model")]])
+    return head, rows
+
+
+def goals_table(goals: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "goal", "measured", "target", "met"]
+    rows = [[g["method"], g["what"], g["shown"], f"{g['comparison']} {g['target']:.2f}", _met(g["met"])]
+            for g in goals]
+    return head, rows
+
+
+def transfer_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "trainable (no head)", "with head", "target acc", "source retention", "retention drop",
+            "s / run"]
+    rows = []
+    for r in result["rows"]:
+        rows.append([r["method"], _n(r["trainable_params"]), _n(r["trainable_with_head"]),
+                     _pm(r["target_acc_mean"], r["target_acc_std"]), _pm(r["retention_mean"], r["retention_std"]),
+                     _pm(r["retention_drop_mean"], r["retention_drop_std"]), f"{r['seconds_mean']:.1f}"])
+    return head, rows
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    cells = [[c.replace("**", "") for c in row] for row in [head, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def terminal_report(sections: dict[str, Any]) -> str:
+    parts = []
+    for key, title, fn in (("params", "trainable parameters", params_table), ("train", "training step", train_table),
+                           ("infer", "inference latency", infer_table), ("transfer", "transfer testbed", transfer_table)):
+        if key in sections:
+            parts.append(f"== {title} ==\n" + text_table(*fn(sections[key]["result"])))
+    goals = evaluate_goals((sections.get("train") or {}).get("result"), (sections.get("infer") or {}).get("result"))
+    if goals:
+        lines = ["== goals ==", text_table(*goals_table(goals))]
+        missed = [g for g in goals if g["met"] is False]
+        lines += [f"missed: {g['method']} {g['goal']}: {g['why']}" for g in missed]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+# --- plots -------------------------------------------------------------------------------------------
+def plot_ratios(train: dict[str, Any] | None, infer: dict[str, Any] | None, path: Path) -> Path | None:
+    """Bars per method: step time and memory vs full fine-tuning, inference vs base, with the goals."""
+    if not train and not infer:
+        return None
+    from ..plots import _save, plt
+
+    panels = []
+    if train:
+        rows = train["rows"]
+        labels = [r["method"] for r in rows]
+        panels.append(("train step time / full FT", labels, [r.get("ratio_vs_full") for r in rows], TIME_GOAL))
+        panels.append(("persistent memory / full FT", labels,
+                       [r["memory"].get("persistent_ratio_vs_full") for r in rows], None))
+        if any(r.get("peak") for r in rows):
+            panels.append(("peak memory of steps / full FT", labels,
+                           [(r.get("peak") or {}).get("ratio_vs_full") for r in rows], None))
+    if infer:
+        rows = infer["rows"]
+        labels = [r["method"] for r in rows]
+        panels.append(("inference / base (merged; unmerged if not mergeable)", labels,
+                       [r["merged_ratio"] if r.get("merged_ratio") is not None else r["unmerged_ratio"]
+                        for r in rows], MERGE_GOAL))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7, 0.6 * max(len(p[1]) for p in panels) + 2),
+                                                      2.8 * len(panels)), squeeze=False)
+    for ax, (title, labels, values, goal) in zip(axes[:, 0], panels):
+        vals = [float("nan") if v is None else v for v in values]
+        colors = ["tab:red" if goal is not None and v == v and v > goal else "tab:blue" for v in vals]
+        ax.bar(range(len(vals)), vals, color=colors)
+        ax.axhline(1.0, color="black", lw=0.8)
+        if goal is not None:
+            ax.axhline(goal, color="tab:green", ls="--", lw=1, label=f"goal {goal:.2f}")
+            ax.legend(fontsize=8, loc="upper left")
+        ax.set_xticks(range(len(labels)), labels=labels, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_transfer(transfer: dict[str, Any] | None, path: Path) -> Path | None:
+    """Target accuracy and source retention vs trainable parameters (head included, log scale)."""
+    if not transfer:
+        return None
+    from ..plots import _save, plt
+
+    rows = transfer["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((axes[0], "target_acc", "target accuracy"), (axes[1], "retention", "source retention")):
+        for r in rows:
+            x = max(1, r["trainable_with_head"])
+            ax.errorbar([x], [r[f"{key}_mean"]], yerr=[r[f"{key}_std"]], fmt="o", capsize=3)
+            ax.annotate(r["method"], (x, r[f"{key}_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if key == "retention" and transfer.get("source_acc") is not None:
+            ax.axhline(transfer["source_acc"], color="gray", ls="--", lw=1, label="source acc before adaptation")
+            ax.legend(fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (head included, log)")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} (mean ± std over {len(transfer['seeds'])} seeds)", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --- the page ------------------------------------------------------------------------------------------
+FULL_COMMANDS = (
+    "python -m vision_ft bench all --out runs/bench --report docs/benchmarks.md\n"
+    "python -m vision_ft bench transfer --out runs/bench --report docs/benchmarks.md"
+)
+
+
+def _machine_lines(meta: dict[str, Any]) -> list[str]:
+    m = meta["machine"]
+    lines = [f"- machine: {m['cpu']}, {m['cpu_count']} logical CPUs, {m.get('memory_gb', '?')} GB RAM"
+             + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
+             f"- torch {m['torch']} ({m['torch_threads']} threads), timm {m['timm']}, peft {m['peft']}, "
+             f"Python {m['python']}, {m['platform']}",
+             f"- date: {m['date']}; wall time {meta['wall_s'] / 60:.1f} min; load average (1/5/15 min) "
+             f"at start {m.get('load_average')}, at end {meta.get('load_average_end')}"]
+    return lines
+
+
+def markdown(sections: dict[str, Any], page: Path) -> str:
+    asset_dir = page.parent / page.stem
+    rel = asset_dir.name
+    train = (sections.get("train") or {}).get("result")
+    infer = (sections.get("infer") or {}).get("result")
+    transfer = (sections.get("transfer") or {}).get("result")
+    out = ["# Benchmarks", "",
+           "Generated by `python -m vision_ft bench`; do not edit by hand. Every number below was measured by the "
+           "command shown with it, on the machine described there.", ""]
+    out += ["## How to reproduce", "",
+            "The full benchmark (ViT-B/16 at 224 px, batch 8, 2 warm-up + 5 timed steps per method; run it on an "
+            "otherwise idle machine) and the transfer testbed:", "", "```bash", FULL_COMMANDS, "```", "",
+            "A quick smoke run on a tiny ViT (what the tests run): "
+            "`python -m vision_ft bench all --quick --out runs/bench_quick`. "
+            "`--device cuda` runs the same on a GPU (peak memory then is `torch.cuda.max_memory_allocated`).", ""]
+    for key, title in (("params", "Trainable parameters"), ("train", "Training step: time and memory"),
+                       ("infer", "Inference latency"), ("transfer", "Transfer testbed")):
+        if key not in sections:
+            continue
+        meta = sections[key]["meta"]
+        s = meta.get("settings", {})
+        out += [f"## {title}", "", f"Command: `{meta['command']}`", ""]
+        out += _machine_lines(meta)
+        if key != "transfer":
+            out.append(f"- backbone `{s['backbone']}` with random weights, image {sections[key]['result'].get('image_size', s.get('image_size'))} px, "
+                       f"batch {s['batch_size']}, {s['num_classes']} classes, device {s['device']}, "
+                       f"{s['warmup']} warm-up + {s['repeats']} timed repeats (median), "
+                       f"activation checkpointing {'on' if s['grad_checkpointing'] else 'off'}")
+        out.append("")
+        result = sections[key]["result"]
+        if key == "params":
+            out += [md_table(*params_table(result)), "",
+                    f"Base model: {result['base_params']:,} parameters. Head: a linear layer to "
+                    f"{s['num_classes']} classes. `*`: decided from (random) training data in `prepare()`. "
+                    "`deployed`: trainable tensors after the method's end-of-training step (MoSA folds its "
+                    "experts). The paper column is compared only on `vit_base_patch16_224` at 224 px, at the "
+                    "precision the paper prints.", ""]
+        elif key == "train":
+            ref = result["reference"]
+            out += [md_table(*train_table(result)), "",
+                    f"Full fine-tuning was timed first and again last: medians {_ms(ref['time_first']['median_s'])} "
+                    f"and {_ms(ref['time_last']['median_s'])} ms (drift ×{_x(ref['time'].get('drift'))}); the "
+                    "reference is the median of both sets. `spread` = (max − min) / median of the timed steps.", "",
+                    "Memory columns: **persistent** = model tensors + gradients + AdamW moments held during a step, "
+                    "counted exactly from the tensors; **grads+AdamW** = its training-state part; **activations** = "
+                    "bytes autograd saves for backward in one training forward (parameters excluded; PEFT methods save "
+                    "less than full fine-tuning because a frozen linear layer keeps no copy of its input for a weight "
+                    "gradient, methods with their own modules save those modules' inputs, and `--grad-checkpointing` "
+                    "keeps only each block's input); **saving realised** "
+                    "= (full − method persistent) / (12 bytes × frozen base parameters), the memory goal; **peak** "
+                    "= peak RSS of a fresh process over "
+                    f"{s.get('rss_steps', 2)} training steps minus its RSS after building the model (allocator and "
+                    "temporaries included; on CUDA `max_memory_allocated`).", ""]
+            notes = [f"- `{r['method']}` vs peft twin: {r['peft_twin']['note']}" for r in result["rows"]
+                     if r.get("peft_twin")]
+            if notes:
+                out += ["LoRA-family twins (HF peft `get_peft_model` on the plain timm model):", "", *notes, ""]
+            if any(r["name"] == "dr_tune" for r in result["rows"]):
+                out += ["DR-Tune runs with `prefill=false` and its queue filled with K random unit features "
+                        "before timing, so its steps run with a full queue without K frozen forwards of set-up "
+                        "(the step itself is unchanged).", ""]
+        elif key == "infer":
+            out += [md_table(*infer_table(result)), "",
+                    "Each method's model is timed alternately with the untouched base model (its own baseline per "
+                    "row), in eval mode without gradients, after the method's end-of-training step; merged = "
+                    "`method.merge(backbone)`. Non-mergeable methods keep their modules at inference.", ""]
+        else:
+            out += _transfer_text(result) + [""]
+    goals = evaluate_goals(train, infer)
+    if goals:
+        out += ["## Goals", "",
+                f"- time: a PEFT method skips the weight-gradient products of frozen layers (about a third of a "
+                f"step's FLOPs): train step ≤ {TIME_GOAL:.2f} × full fine-tuning;",
+                f"- memory: it saves the gradient and both AdamW moments of every frozen base weight (12 bytes "
+                f"each): realise ≥ {MEMORY_GOAL:.0%} of that saving;",
+                f"- LoRA family: step ≤ {PEFT_GOAL:.2f} × HF peft's LoRA of the same rank and targets;",
+                f"- merged inference ≤ {MERGE_GOAL:.2f} × the base model.", "",
+                md_table(*goals_table(goals)), ""]
+        missed = [g for g in goals if g["met"] is False]
+        if missed:
+            out += ["### Why methods miss", ""]
+            out += [f"- **{g['method']}**, {g['what']} = {g['shown']}: {g['why']}" for g in missed]
+            out.append("")
+    figures = []
+    if plot_ratios(train, infer, asset_dir / "ratios.png"):
+        figures.append(f"![step time, memory and inference ratios per method]({rel}/ratios.png)")
+    if plot_transfer(transfer, asset_dir / "transfer.png"):
+        figures.append(f"![target accuracy and source retention vs trainable parameters]({rel}/transfer.png)")
+    if figures:
+        out += ["## Plots", ""] + [f + "\n" for f in figures]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _transfer_text(result: dict[str, Any]) -> list[str]:
+    c = result["config"]
+    lines = [
+        f"- task: generated shapes ({c['image_size']} px, generator `vision_ft/bench/shapes.py` v{result['generator_version']}, "
+        f"fixed seeds). Source: {', '.join(result['source_classes'])} ({c['source_train']} train / {c['source_test']} "
+        f"test). Target: {', '.join(result['target_classes'])} ({c['target_train']} train / {c['target_test']} test) "
+        "— the same primitives drawn hollow or turned 45°, so new classes that reuse the source features.",
+        f"- source model: ViT {c['depth']} blocks, dim {c['embed_dim']}, patch {c['patch_size']}, trained from random init "
+        f"for {c['pretrain_epochs']} epochs (full fine-tuning, AdamW lr {c['pretrain_lr']}): source test accuracy "
+        f"**{result['source_acc']:.3f}** (checkpoint `{result['checkpoint']}`, {'reused' if result['checkpoint_reused'] else 'trained in this run'}).",
+        f"- adaptation: every method with its defaults{_overrides(result)}, a new linear head, AdamW lr {c['lr']} "
+        f"(all methods), batch {c['batch_size']}, {c['epochs']} epochs, warm-up + cosine; seeds {result['seeds']} "
+        "(head init, method init, data order). Retention = source test accuracy of the adapted backbone (method "
+        "active, after its end-of-training step) with the source head.",
+        "",
+        md_table(*transfer_table(result)),
+        "",
+        f"Chance is {1 / len(result['target_classes']):.2f} on both tasks. The linear probe's retention equals the "
+        "source accuracy by construction (the backbone does not change): a check of the testbed itself.",
+    ]
+    return lines
+
+
+def _overrides(result: dict[str, Any]) -> str:
+    extra = result.get("method_args") or {}
+    if not extra:
+        return ""
+    return " except " + "; ".join(f"{k}: {', '.join(f'{a}={v}' for a, v in args.items())}" for k, args in extra.items())
