@@ -3,5 +3,6 @@
 from .base import BaseTask
 from .classification import ImageClassificationTask
 from .detection import DetectionTask
+from .video import VideoPhaseTask
 
-__all__ = ["BaseTask", "DetectionTask", "ImageClassificationTask"]
+__all__ = ["BaseTask", "DetectionTask", "ImageClassificationTask", "VideoPhaseTask"]
