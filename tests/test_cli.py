@@ -127,7 +127,10 @@ def test_every_config_fragment_stacks_on_the_medical_config(fragment, tmp_path, 
     text = Path(fragment).read_text()
     if "accelerator: gpu" in text and not torch.cuda.is_available():
         pytest.skip("GPU-only trainer fragment (FSDP/DeepSpeed); runs where a GPU is present")
-    config = (MEDICAL, TINY, fragment) if "backbones/" not in fragment else (MEDICAL, fragment)
+    if "requires: clip" in text:  # prompt methods need a CLIP task + backbone
+        config = (str(ROOT / "domains" / "clip_few_shot.yaml"), fragment)
+    else:
+        config = (MEDICAL, TINY, fragment) if "backbones/" not in fragment else (MEDICAL, fragment)
     try:
         code = _fit(tmp_path, "--trainer.fast_dev_run=true", config=config)
     finally:  # a 1-process DDP run leaves its process group and rendezvous variables behind
@@ -189,3 +192,12 @@ def test_methods_command_table(capsys):
 def test_export_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--merge", "--out", str(tmp_path / "o")]) == 2
     assert "adapter.json" in capsys.readouterr().err
+
+
+def test_methods_command_counts_clip_lora_on_open_clip_vit_b_16(capsys):
+    assert main(["methods", "--backbone", "ViT-B-16", "--json"]) == 0
+    by_name = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert by_name["clip_lora"]["trainable_params"] == 184_320  # r=2 on q,k,v of both towers (CLIP-LoRA)
+    assert by_name["coop"]["trainable_params"] == 16 * 512
+    # methods written for a timm ViT say why they do not apply instead of crashing the listing
+    assert all(r["trainable_params"] is not None or r["error"] for r in by_name.values())

@@ -108,7 +108,7 @@ def _cli(args: list[str] | None) -> None:
 # --- kit commands ---------------------------------------------------------------------------
 def cmd_methods(argv: list[str]) -> int:
     """Registered methods with their trainable-parameter counts on a real architecture."""
-    from .backbones import TimmViT
+    from .backbones.open_clip import build_backbone_for_counts
     from .methods import registered
 
     p = argparse.ArgumentParser(prog="vision_ft methods", description=cmd_methods.__doc__)
@@ -117,9 +117,15 @@ def cmd_methods(argv: list[str]) -> int:
     a = p.parse_args(argv)
     rows = []
     for name, cls in registered().items():
-        backbone = TimmViT(a.backbone, pretrained=False)  # random weights: counts need no download
+        backbone = build_backbone_for_counts(a.backbone)  # random weights: counts need no download
         method = cls()
-        method.apply(backbone)
+        try:
+            method.apply(backbone)
+        except Exception as e:  # e.g. SSF on open_clip's MultiheadAttention, CoOp on a ViT without text tower
+            rows.append({"name": name, "trainable_params": None, "error": f"{type(e).__name__}: {e}"[:200],
+                         "data_dependent": cls.requires_data, "mergeable": cls.mergeable, "zero_init": cls.zero_init,
+                         "class_path": f"{cls.__module__}.{cls.__qualname__}"})
+            continue
         count = method.trainable_parameters(backbone)
         if cls.requires_data:  # what is added is decided from data in prepare(): report the plan
             count = method.nominal_trainable_parameters(backbone)
@@ -129,10 +135,13 @@ def cmd_methods(argv: list[str]) -> int:
     if a.json:
         print(json.dumps(rows, indent=2))
     else:
-        total = sum(p.numel() for p in TimmViT(a.backbone).model.parameters())
+        total = sum(p.numel() for p in build_backbone_for_counts(a.backbone).model.parameters())
         print(f"methods on {a.backbone} ({total:,} backbone parameters; head excluded)")
         print(f"{'name':<12} {'trainable':>12} {'% of base':>10}  mergeable  zero-init")
         for r in rows:
+            if r.get("error"):
+                print(f"{r['name']:<12} {'-':>12}  does not apply to this backbone: {r['error'][:90]}")
+                continue
             n = r["trainable_params"] or 0
             star = "*" if r["data_dependent"] else " "
             print(f"{r['name']:<12} {n:>12,}{star}{100 * n / total:>9.3f}%  {str(r['mergeable']):<9}  {r['zero_init']}")
@@ -156,7 +165,10 @@ def cmd_export(argv: list[str]) -> int:
         p.error("nothing to do: pass --merge (the run directory already holds the adapter itself)")
     out = export_merged(a.run_dir, a.out, backbone={"checkpoint": a.checkpoint} if a.checkpoint else None)
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
-    if config.get("architectures"):  # a transformers save_pretrained folder (e.g. the D-FINE detector)
+    if (out / "open_clip_config.json").is_file():
+        print(f"merged model written to {out} (open_clip local-dir layout + class_text_features.safetensors); "
+              f"load with open_clip.create_model('local-dir:{out}')")
+    elif config.get("architectures"):  # a transformers save_pretrained folder (e.g. the D-FINE detector)
         print(f"merged model written to {out} ({config['architectures'][0]}, transformers save_pretrained); "
               f"load with transformers.AutoModelForObjectDetection.from_pretrained('{out}')")
     else:

@@ -59,6 +59,10 @@ class Backbone(nn.Module):
     def embed_dim(self) -> int:
         raise NotImplementedError
 
+    def block_width(self, block: int) -> int:
+        """Token width inside ``block`` (CLIP towers differ from each other and from ``embed_dim``)."""
+        return self.embed_dim
+
     def module_name(self, block: int, role: str) -> str:
         """Dotted name (inside ``self.model``) of the module for ``role`` in ``block``."""
         raise NotImplementedError

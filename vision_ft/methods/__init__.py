@@ -5,6 +5,8 @@ Importing this package registers every built-in method.
 
 from .adapters import AdaptFormer, Adapter
 from .base import Method, has_prefix
+from .clip_lora import CLIPLoRA
+from .coop import CoOp
 from .baselines import FullFineTuning, LinearProbe
 from .dr_tune import DRTune
 from .lora import LoRA
@@ -19,4 +21,5 @@ __all__ = [
     "Method", "has_prefix", "register", "registered", "unregister", "build_method",
     "get_method_class", "LinearProbe", "FullFineTuning", "SSF", "LoRA", "DRTune",
     "Adapter", "AdaptFormer", "MoSA", "SNELL", "PEGO", "SPTLoRA", "SPTAdapter",
+    "CLIPLoRA", "CoOp",
 ]

@@ -185,7 +185,7 @@ class Adapter(Method):
         for i, block in enumerate(backbone.blocks):
             for pos in self.positions:
                 site = backbone.linear(i, self._ROLES[pos])
-                adapter = _like(Bottleneck(backbone.embed_dim, self.bottleneck, dropout=self.dropout,
+                adapter = _like(Bottleneck(backbone.block_width(i), self.bottleneck, dropout=self.dropout,
                                            activation=self.activation), site)
                 block.add_module(f"{self.prefix}{pos}", adapter)
                 site.register_forward_hook(partial(_sequential_hook, adapter))
@@ -257,7 +257,7 @@ class AdaptFormer(Method):
     def apply(self, backbone: Backbone) -> None:
         for i, block in enumerate(backbone.blocks):
             norm2 = backbone.norms(i)["norm2"]
-            adapter = _like(self.make_adapter(backbone.embed_dim, i), norm2)
+            adapter = _like(self.make_adapter(backbone.block_width(i), i), norm2)
             block.add_module(self.adapter_name, adapter)
             norm2.register_forward_hook(partial(_capture_hook, adapter))
             block.register_forward_hook(partial(_parallel_hook, adapter))

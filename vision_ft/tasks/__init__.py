@@ -2,7 +2,8 @@
 
 from .base import BaseTask
 from .classification import ImageClassificationTask
+from .clip_classification import CLIPClassificationTask
 from .detection import DetectionTask
 from .video import VideoPhaseTask
 
-__all__ = ["BaseTask", "DetectionTask", "ImageClassificationTask", "VideoPhaseTask"]
+__all__ = ["BaseTask", "CLIPClassificationTask", "DetectionTask", "ImageClassificationTask", "VideoPhaseTask"]

@@ -1,0 +1,149 @@
+"""CLIP-LoRA: placement and count, step-0 = zero-shot, exact merge, dropout path, native export."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import vision_ft.methods.clip_lora  # noqa: F401 - registers clip_lora
+from vision_ft.backbones.open_clip import OpenCLIP
+from vision_ft.errors import ConfigError
+from vision_ft.methods.clip_lora import CLIPLoRA
+from vision_ft.tasks.clip_classification import CLIPClassificationTask
+
+NAMES = ["normal", "lesion", "fibrosis", "calcification"]
+X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _perturb(model, scale=0.3):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _encode(b):
+    tokens = b.tokenize(["a photo of a lesion.", "fibrosis"])
+    return b.encode_image(b.preprocess(X)), b.encode_text(tokens)
+
+
+def test_count_on_vit_b16_both_towers_is_184320():
+    backbone = OpenCLIP("ViT-B-16")
+    method = CLIPLoRA()
+    method.apply(backbone)
+    # 2 * (768 + 768) * 3 * 12 (visual) + 2 * (512 + 512) * 3 * 12 (text)
+    assert method.trainable_parameters(backbone) == 184_320
+    names = {n for n, p in backbone.model.named_parameters() if p.requires_grad}
+    assert len(names) == 2 * 3 * 24 and all(".attn.clip_lora_" in n for n in names)
+
+
+def test_zero_init_is_the_base_model_on_both_towers():
+    base = OpenCLIP("open_clip_test_tiny").eval()
+    base.requires_grad_(False)  # the frozen zero-shot model (PyTorch's attention kernel depends on requires_grad)
+    b = OpenCLIP("open_clip_test_tiny").eval()
+    CLIPLoRA().apply(b)
+    with torch.no_grad():
+        for ref, out in zip(_encode(base), _encode(b)):
+            assert torch.equal(ref, out)
+
+
+def test_merge_adds_the_update_into_the_packed_rows_exactly_and_leaves_a_plain_model():
+    b = OpenCLIP("open_clip_test_tiny").eval()
+    keys = set(b.model.state_dict())
+    w0 = b.model.transformer.resblocks[1].attn.in_proj_weight.detach().clone()
+    m = CLIPLoRA(targets=["q", "v"])
+    m.apply(b)
+    _perturb(b.model)
+    mha = b.model.transformer.resblocks[1].attn
+    expected = w0.clone()
+    expected[0:32] += mha.clip_lora_B_q @ mha.clip_lora_A_q * m.scale
+    expected[64:96] += mha.clip_lora_B_v @ mha.clip_lora_A_v * m.scale
+    with torch.no_grad():
+        before = _encode(b)
+        m.merge(b)
+        after = _encode(b)
+    for x, y in zip(before, after):
+        assert torch.allclose(x, y, atol=1e-5, rtol=0)
+    assert torch.allclose(mha.in_proj_weight, expected, atol=1e-6)
+    assert torch.equal(mha.in_proj_weight[32:64], w0[32:64])  # k untouched
+    assert set(b.model.state_dict()) == keys
+    assert type(mha) is torch.nn.MultiheadAttention and "forward" not in mha.__dict__
+    assert not any(hasattr(mod, "_clip_lora") for mod in b.model.modules())
+
+
+def test_dropout_path_computes_the_same_attention_as_the_native_one():
+    b = OpenCLIP("open_clip_test_tiny")
+    CLIPLoRA(targets=["q", "k", "v", "o"], dropout=0.25).apply(b)
+    _perturb(b.model)
+    with torch.no_grad():
+        b.eval()
+        native = _encode(b)
+        for mod in b.model.modules():
+            if hasattr(mod, "_clip_lora"):
+                mod._clip_lora_dropout = 1e-12  # own attention path, dropout mask all ones
+        b.train()
+        own = _encode(b)
+        for mod in b.model.modules():
+            if hasattr(mod, "_clip_lora"):
+                mod._clip_lora_dropout = 0.9
+        dropped = _encode(b)
+    for x, y in zip(native, own):
+        assert torch.allclose(x, y, atol=1e-5)
+    assert not torch.allclose(native[0], dropped[0], atol=1e-3)  # dropout really acts in training
+
+
+def test_both_factors_get_gradients_through_the_packed_weight():
+    b = OpenCLIP("open_clip_test_tiny")
+    CLIPLoRA(dropout=0.0).apply(b)
+    _perturb(b.model)
+    img, txt = _encode(b)
+    (img.sum() + txt.sum()).backward()
+    grads = {n: p.grad for n, p in b.model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert all(p.grad is None for p in b.model.parameters() if not p.requires_grad)
+
+
+def test_encoders_and_blocks_select_the_sites():
+    b = OpenCLIP("open_clip_test_tiny")
+    m = CLIPLoRA(encoders=["text"], blocks=[1], targets=["q"])
+    m.apply(b)
+    names = [n for n, p in b.model.named_parameters() if p.requires_grad]
+    assert names == ["transformer.resblocks.1.attn.clip_lora_A_q", "transformer.resblocks.1.attn.clip_lora_B_q"]
+    with pytest.raises(ConfigError, match="towers"):
+        CLIPLoRA().apply(OpenCLIP("open_clip_test_tiny", towers=["visual"]))
+    with pytest.raises(ConfigError, match="targets"):
+        CLIPLoRA(targets=["qkv"])
+    with pytest.raises(ConfigError, match="dropout"):
+        CLIPLoRA(dropout=1.0)
+
+
+def test_adapter_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
+    import open_clip
+
+    from vision_ft.export import export_merged, load_adapter, save_adapter
+
+    task = CLIPClassificationTask(OpenCLIP("open_clip_test_tiny"), method="clip_lora", num_classes=4,
+                                  class_names=NAMES, templates=["a photo of a {}.", "a {} image."]).eval()
+    _perturb(task.backbone.model)
+    task._cache.clear()
+    save_adapter(task, tmp_path / "run")
+    loaded = load_adapter(tmp_path / "run")
+    with torch.no_grad():
+        expected = task(X)
+        assert torch.equal(expected, loaded(X))
+    out = export_merged(tmp_path / "run", tmp_path / "out")
+    native = open_clip.create_model(f"local-dir:{out}").eval()
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    with torch.no_grad():  # the zero-shot head rebuilt with open_clip alone
+        text = native.encode_text(tokenizer([t.format(n) for n in cfg["class_names"] for t in cfg["templates"]]),
+                                  normalize=True).view(4, 2, -1).mean(1)
+        text = torch.nn.functional.normalize(text, dim=-1)
+        logits = native.logit_scale.exp() * native.encode_image(task.backbone.preprocess(X), normalize=True) @ text.T
+    assert torch.allclose(logits, expected, atol=1e-4)
+    from safetensors.torch import load_file
+
+    head = load_file(out / "class_text_features.safetensors")
+    assert torch.allclose(head["text_features"], text, atol=1e-5)

@@ -1,0 +1,385 @@
+"""open_clip CLIP models behind the :class:`~vision_ft.backbones.base.Backbone` surface, both towers exposed.
+
+Block indexing: ``blocks`` lists the residual blocks of the towers named in ``towers``, visual
+blocks first, then text blocks (``towers=["visual", "text"]``, the default: ``num_blocks`` = both
+towers' depths). ``tower(i)`` says which tower block ``i`` belongs to and ``tower_block(i)`` its
+index inside that tower. A method written for a ViT (``for i in range(num_blocks)``) therefore acts
+on every exposed block; set ``towers: [visual]`` to restrict such a method to the image tower.
+
+Roles inside a block: open_clip's default block uses ``torch.nn.MultiheadAttention``, which packs
+q/k/v in one ``in_proj_weight`` (3d x d) parameter and reads it, and ``out_proj.weight``, directly
+inside ``F.multi_head_attention_forward``: neither projection runs as an ``nn.Linear`` forward, so
+a forward hook on them never fires. :meth:`OpenCLIP.linear` therefore returns, for ``q k v qkv
+proj``, an :class:`AttentionWeight` (the owning module, the parameter names and the row range), and
+plain ``nn.Linear`` modules for ``fc1``/``fc2`` (``mlp.c_fc``/``mlp.c_proj``). Methods that hook
+``nn.Linear`` outputs on ``qkv``/``proj`` (SSF, adapters placed there) refuse this backbone with
+an error instead of silently doing nothing; ``clip_lora`` handles the packed weight.
+
+Export: :meth:`OpenCLIP.save_native` writes ``open_clip_config.json`` (``model_cfg`` +
+``preprocess_cfg``) and ``open_clip_model.safetensors``, which
+``open_clip.create_model("local-dir:OUT")`` loads natively.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BackboneError, ConfigError
+from .base import Backbone
+
+log = logging.getLogger("vision_ft")
+
+#: Tiny CLIP architectures for tests and offline samples (open_clip model-config dicts).
+TINY_PRESETS: dict[str, dict[str, Any]] = {
+    "open_clip_test_tiny": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    },
+}
+
+TOWERS = ("visual", "text")
+
+
+@dataclass(frozen=True)
+class AttentionWeight:
+    """Rows ``start:stop`` of a projection weight that attention reads as a parameter (no ``nn.Linear`` forward).
+
+    ``module`` owns ``weight_name`` (and ``bias_name``, possibly ``None``): an
+    ``nn.MultiheadAttention`` with ``in_proj_weight``/``in_proj_bias`` for ``q k v qkv``, or its
+    ``out_proj`` with ``weight``/``bias`` for ``proj``. ``name`` is the module's dotted name.
+    """
+
+    module: nn.Module
+    weight_name: str
+    bias_name: str | None
+    start: int
+    stop: int
+    name: str
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.module, self.weight_name)[self.start:self.stop]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.module, self.bias_name) if self.bias_name else None
+        return None if b is None else b[self.start:self.stop]
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def in_features(self) -> int:
+        return int(getattr(self.module, self.weight_name).shape[1])
+
+
+class OpenCLIP(Backbone):
+    """An open_clip CLIP model (image + text towers).
+
+    Args:
+        name: an open_clip model name (``ViT-B-16``, ``ViT-B-16-quickgelu`` for the OpenAI
+            weights, ``ViT-L-14``...) or a tiny preset (``open_clip_test_tiny``).
+        pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``...); needs hub
+            access or open_clip's cache. ``None``: no download.
+        checkpoint: local weights: an open_clip state dict (``.safetensors``, or a ``.pt``/``.bin``
+            read with ``torch.load(weights_only=True)``), or a folder written by :meth:`save_native`.
+            Takes precedence over ``pretrained``.
+        towers: the towers whose blocks methods see, in this order of indices (see module doc).
+        image_size: override the model's input resolution (position embeddings are resampled by
+            open_clip when loading weights of another size).
+        grad_checkpointing: trade compute for activation memory (both towers).
+        init_seed: seed of the random initialisation when no weights are loaded, so the frozen
+            base is rebuilt identically when an adapter is loaded.
+    """
+
+    def __init__(
+        self,
+        name: str = "ViT-B-16",
+        pretrained: str | None = None,
+        checkpoint: str | None = None,
+        towers: list[str] = ["visual", "text"],  # noqa: B006 - jsonargparse needs a plain list default
+        image_size: int | None = None,
+        grad_checkpointing: bool = False,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        import open_clip
+
+        self.name, self.pretrained, self.checkpoint = name, pretrained, checkpoint
+        self.towers = list(towers)
+        self.image_size, self.grad_checkpointing, self.init_seed = image_size, grad_checkpointing, init_seed
+        bad = [t for t in self.towers if t not in TOWERS] or ([] if self.towers else ["(empty)"])
+        if bad or len(set(self.towers)) != len(self.towers):
+            raise ConfigError(f"backbone.init_args.towers={towers!r}: choose distinct entries from {list(TOWERS)}")
+        if name in TINY_PRESETS:
+            cfg = copy.deepcopy(TINY_PRESETS[name])
+        else:
+            cfg = open_clip.get_model_config(name)
+            if cfg is None:
+                raise BackboneError(f"unknown open_clip model {name!r} (backbone.init_args.name); e.g. ViT-B-16, "
+                                    f"ViT-B-32, ViT-L-14, or a tiny preset {sorted(TINY_PRESETS)}")
+            cfg = copy.deepcopy(cfg)
+        if image_size is not None:
+            cfg["vision_cfg"]["image_size"] = int(image_size)
+        self.model_cfg = cfg
+        self.model = self._build(open_clip)
+        if not hasattr(self.model, "transformer") or not hasattr(self.model.visual, "transformer"):
+            raise BackboneError(f"open_clip model {name!r} is not a ViT CLIP with a built-in text transformer; "
+                                "only those are supported (backbone.init_args.name)")
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        pp = getattr(self.model.visual, "preprocess_cfg", None) or {}
+        self.mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+        size = self.model.visual.image_size
+        self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        self.context_length = int(self.model.context_length)
+        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
+        self._index = [(t, j) for t in self.towers for j in range(len(self._tower_blocks(t)))]
+
+    # --- loading -------------------------------------------------------------------
+    def _random(self, open_clip) -> nn.Module:
+        from open_clip.model import CLIP, set_model_preprocess_cfg
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            if self.name in TINY_PRESETS:
+                model = CLIP(**copy.deepcopy(self.model_cfg))
+                set_model_preprocess_cfg(model, {"size": self.model_cfg["vision_cfg"]["image_size"],
+                                                 "mode": "RGB", "mean": open_clip.OPENAI_DATASET_MEAN,
+                                                 "std": open_clip.OPENAI_DATASET_STD, "interpolation": "bicubic",
+                                                 "resize_mode": "shortest", "fill_color": 0})
+            else:
+                model = open_clip.create_model(self.name, pretrained=None, force_image_size=self.image_size,
+                                               pretrained_text=False)
+        return model
+
+    def _build(self, open_clip) -> nn.Module:
+        if self.checkpoint:
+            path = _resolve_checkpoint(self.checkpoint)
+            model = self._random(open_clip)
+            try:
+                open_clip.load_checkpoint(model, str(path), weights_only=True)
+            except Exception as e:  # shape mismatch, missing keys, refused pickle
+                raise BackboneError(f"checkpoint {str(path)!r} does not fit open_clip model {self.name!r} "
+                                    f"(backbone.init_args.checkpoint / name): {_first_line(e)}") from None
+            self.weights_source = f"local checkpoint {path}"
+            return model
+        if self.pretrained:
+            if self.name in TINY_PRESETS:
+                raise BackboneError(f"the tiny preset {self.name!r} has no pretrained weights; set "
+                                    "backbone.init_args.pretrained=null or a real model name")
+            try:
+                model = open_clip.create_model(self.name, pretrained=self.pretrained,
+                                               force_image_size=self.image_size)
+            except Exception as e:  # hub unreachable, cache empty, unknown tag
+                raise BackboneError(
+                    f"open_clip weights {self.name!r} / {self.pretrained!r} are not reachable "
+                    f"({type(e).__name__}: {_first_line(e)}). Offline, set backbone.init_args.checkpoint="
+                    "/path/to/open_clip_model.safetensors (an open_clip state dict) or "
+                    "backbone.init_args.pretrained=null for random init.") from None
+            self.weights_source = f"pretrained {self.name} / {self.pretrained} (open_clip)"
+            return model
+        model = self._random(open_clip)
+        self.weights_source = (
+            f"random init (seed {self.init_seed}): no pretrained weights requested; set "
+            "backbone.init_args.checkpoint=... or backbone.init_args.pretrained=<open_clip tag> with hub access")
+        return model
+
+    # --- structure -----------------------------------------------------------------
+    def _tower_prefix(self, tower: str) -> str:
+        return "visual.transformer.resblocks" if tower == "visual" else "transformer.resblocks"
+
+    def _tower_blocks(self, tower: str) -> list[nn.Module]:
+        return list(self.model.get_submodule(self._tower_prefix(tower)))
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [self._tower_blocks(t)[j] for t, j in self._index]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._index)
+
+    def tower(self, block: int) -> str:
+        """``visual`` or ``text``: the tower of block ``block``."""
+        return self._index[block][0]
+
+    def tower_block(self, block: int) -> int:
+        """Index of block ``block`` inside its tower."""
+        return self._index[block][1]
+
+    def block_width(self, block: int) -> int:
+        return int(self.blocks[block].ln_1.normalized_shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the joint image-text embedding (the pooled features)."""
+        return int(self.model_cfg["embed_dim"])
+
+    def module_name(self, block: int, role: str) -> str:
+        tower, j = self._index[block]
+        base = f"{self._tower_prefix(tower)}.{j}"
+        paths = {"q": "attn", "k": "attn", "v": "attn", "qkv": "attn", "proj": "attn.out_proj",
+                 "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
+        if role not in paths:
+            raise KeyError(f"unknown role {role!r}; roles: q k v qkv proj fc1 fc2")
+        return f"{base}.{paths[role]}"
+
+    def linear(self, block: int, role: str) -> nn.Linear | AttentionWeight:
+        name = self.module_name(block, role)
+        module = self.model.get_submodule(name)
+        if role in ("fc1", "fc2"):
+            return module
+        if role == "proj":
+            return AttentionWeight(module, "weight", "bias", 0, module.out_features, name)
+        if not isinstance(module, nn.MultiheadAttention) or not module._qkv_same_embed_dim:
+            raise NotImplementedError(f"{name} is a {type(module).__name__}; only nn.MultiheadAttention with a "
+                                      "packed in_proj_weight is supported (open_clip's default block)")
+        d = module.embed_dim
+        start, stop = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d), "qkv": (0, 3 * d)}[role]
+        return AttentionWeight(module, "in_proj_weight", "in_proj_bias", start, stop, name)
+
+    def norms(self, block: int) -> dict[str, nn.Module]:
+        b = self.blocks[block]
+        return {"norm1": b.ln_1, "norm2": b.ln_2}
+
+    def stem(self) -> nn.Module:
+        return self.model.visual.conv1
+
+    def final_norm(self) -> nn.Module:
+        return self.model.visual.ln_post
+
+    def tower_parameters(self, tower: str) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` pairs of one tower, names relative to ``self.model`` (the shared
+        ``logit_scale`` belongs to neither)."""
+        if tower == "visual":
+            return [(n, p) for n, p in self.model.named_parameters() if n.startswith("visual.")]
+        return [(n, p) for n, p in self.model.named_parameters()
+                if not n.startswith("visual.") and not n.startswith("logit_")]
+
+    # --- compute -------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != self.input_size:
+            images = F.interpolate(images, size=self.input_size, mode="bicubic", align_corners=False,
+                                   antialias=True).clamp(0, 1)
+        mean = images.new_tensor(self.mean).view(1, -1, 1, 1)
+        std = images.new_tensor(self.std).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> projected image embeddings (B, embed_dim), not L2-normalised."""
+        return self.model.encode_image(x)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.model.visual
+        previous = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(x)
+        finally:
+            visual.output_tokens = previous
+        return pooled, tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(x)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> token ids (N, context_length) with open_clip's bundled BPE tokenizer (offline)."""
+        return self.tokenizer(texts).to(self.model.logit_scale.device)
+
+    def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> projected text embeddings (N, embed_dim), not L2-normalised."""
+        return self.model.encode_text(tokens)
+
+    def encode_text_embeddings(self, embeds: torch.Tensor, eot_indices: torch.Tensor) -> torch.Tensor:
+        """Text tower from token embeddings (N, L, width) (CoOp's learnable prompts): the same
+        computation as ``encode_text`` after the token lookup, pooled at ``eot_indices`` (N,)."""
+        m = self.model
+        x = embeds + m.positional_embedding[: embeds.shape[1]].to(embeds.dtype)
+        mask = m.attn_mask[: embeds.shape[1], : embeds.shape[1]] if m.attn_mask is not None else None
+        x = m.transformer(x, attn_mask=mask)
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_indices]
+        if m.text_projection is None:
+            return x
+        return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+
+    def count_tokens(self, text: str) -> int:
+        """Number of BPE tokens of ``text`` without start/end tokens (CoOp's class-name length)."""
+        return len(self.tokenizer.encode(text))
+
+    def eot_indices(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Position of the end-of-text token of each row (the highest id in CLIP's vocabulary)."""
+        return tokens.argmax(dim=-1)
+
+    def logit_scale(self) -> torch.Tensor:
+        """The model's temperature ``exp(logit_scale)`` (100 for the released CLIP weights)."""
+        return self.model.logit_scale.exp()
+
+    # --- identity / export -----------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": dict(name=self.name, pretrained=self.pretrained, checkpoint=self.checkpoint,
+                              towers=list(self.towers), image_size=self.image_size,
+                              grad_checkpointing=self.grad_checkpointing, init_seed=self.init_seed),
+        }
+
+    def save_native(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write the model as open_clip's local-dir layout (load: ``open_clip.create_model("local-dir:OUT")``)."""
+        from ..export import atomic_save_safetensors, atomic_write_text
+
+        out_dir = Path(out_dir)
+        state = {k: v for k, v in self.model.state_dict().items()}
+        pp = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
+        pp = {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
+        atomic_save_safetensors(state, out_dir / "open_clip_model.safetensors", metadata={"format": "pt"})
+        doc = {"model_cfg": self.model_cfg, "preprocess_cfg": pp, "source_name": self.name, **(extra or {})}
+        atomic_write_text(out_dir / "open_clip_config.json", json.dumps(doc, indent=2) + "\n")
+        return out_dir
+
+
+def build_backbone_for_counts(name: str) -> Backbone:
+    """A randomly initialised backbone for parameter counts (``python -m vision_ft methods --backbone``):
+    an open_clip model name or tiny preset gives :class:`OpenCLIP`, anything else ``TimmViT``."""
+    import open_clip
+
+    if name in TINY_PRESETS or open_clip.get_model_config(name) is not None:
+        return OpenCLIP(name)
+    from .timm_vit import TimmViT
+
+    return TimmViT(name, pretrained=False)
+
+
+def _resolve_checkpoint(checkpoint: str) -> Path:
+    path = Path(os.path.expanduser(checkpoint))
+    if path.is_dir():
+        for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
+            if (path / fname).is_file():
+                return path / fname
+        raise BackboneError(f"backbone.init_args.checkpoint={checkpoint!r} is a folder without "
+                            "open_clip_model.safetensors / open_clip_pytorch_model.bin")
+    if not path.is_file():
+        raise BackboneError(f"backbone.init_args.checkpoint={checkpoint!r}: no such file")
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return " ".join(text[:2])[:300] if text else type(e).__name__
