@@ -59,7 +59,8 @@ def test_written_batches_have_the_public_mirabest_layout(tmp_path):
     with open(tmp_path / "data_batch_1", "rb") as f:
         entry = pickle.load(f, encoding="latin1")  # how the public dataset classes read them (trusted here)
     assert set(entry) == {"batch_label", "labels", "data", "filenames"}
-    assert isinstance(entry["data"], list) and entry["data"][0].shape == (150, 150) and entry["data"][0].dtype == np.uint8
+    first = entry["data"][0]
+    assert isinstance(entry["data"], list) and first.shape == (150, 150) and first.dtype == np.uint8
     assert np.vstack(entry["data"]).reshape(-1, 1, 150, 150).shape == (12, 1, 150, 150)
     with open(tmp_path / "batches.meta", "rb") as f:
         meta = pickle.load(f)
@@ -70,8 +71,8 @@ def test_written_batches_have_the_public_mirabest_layout(tmp_path):
 @pytest.mark.parametrize("convention", sorted(CONVENTIONS))
 def test_mirabest_round_trip_maps_codes_by_convention(tmp_path, convention):
     written = _mirabest(tmp_path / "MiraBest" / "batches")
-    dm = MiraBestData(root=str(tmp_path / "MiraBest"), convention=convention, train_batches=["data_batch_1", "data_batch_2"],
-                      image_size=32, val_fraction=0.25)
+    dm = MiraBestData(root=str(tmp_path / "MiraBest"), convention=convention,
+                      train_batches=["data_batch_1", "data_batch_2"], image_size=32, val_fraction=0.25)
     names, mapping = CONVENTIONS[convention]
     assert (dm.num_classes, dm.class_names) == (len(names), names)
     dm.setup()
@@ -91,7 +92,8 @@ def test_confident_convention_drops_uncertain_and_hybrid_and_says_so(tmp_path, c
     with caplog.at_level(logging.INFO, logger="vision_ft"):
         dm = MiraBestData(root=str(tmp_path), train_batches=["data_batch_1"], image_size=32)
     assert dm.code_counts["train"] == {0: 2, 1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 1, 7: 1, 8: 1, 9: 1}
-    assert "7 of 12 images kept {'FRI': 4, 'FRII': 3}; dropped label codes {3: 1, 4: 1, 7: 1, 8: 1, 9: 1}" in caplog.text
+    kept = "7 of 12 images kept {'FRI': 4, 'FRII': 3}; dropped label codes {3: 1, 4: 1, 7: 1, 8: 1, 9: 1}"
+    assert kept in caplog.text
 
 
 def test_mirabest_reads_array_form_and_rejects_bad_files(tmp_path):
@@ -106,6 +108,10 @@ def test_mirabest_reads_array_form_and_rejects_bad_files(tmp_path):
     (tmp_path / "d").write_bytes(pickle.dumps({"data": flat, "labels": [0, 5, 12]}))
     with pytest.raises(DataError, match="codes must be 0-9"):
         read_batch(tmp_path / "d")
+    rgz = {"data": flat, "filenames": ["a", "b", "c"], "src_ids": [1, 2, 3], "mb_flag": [0, 0, 1], "LAS": [9, 8, 7]}
+    (tmp_path / "e").write_bytes(pickle.dumps(rgz))  # an unlabelled RGZ108k-style batch
+    with pytest.raises(DataError, match=r"lacks key\(s\) \['labels'\].*Unlabelled batches"):
+        read_batch(tmp_path / "e")
     with pytest.raises(DataError, match=r"data\.init_args\.root.*holds no MiraBest batches"):
         MiraBestData(root=str(tmp_path))
     with pytest.raises(ConfigError, match="data.init_args.convention"):
@@ -224,7 +230,8 @@ def test_png_folder_with_valid_split_is_read_and_preprocessed(tmp_path):
                 arr[10:14, 10:14] = 200 + i
                 Image.fromarray(arr, mode="L").save(tmp_path / split / cls / f"{i}.png")
                 arrays[f"{split}/{cls}/{i}.png"] = arr
-    Image.fromarray(np.stack([arrays["test/FRI/0.png"]] * 3, -1), mode="RGB").save(tmp_path / "test" / "FRI" / "rgb.png")
+    rgb = np.stack([arrays["test/FRI/0.png"]] * 3, -1)
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "test" / "FRI" / "rgb.png")
     dm = RadioPNGFolderData(root=str(tmp_path), val_dir="valid", image_size=24,
                             preprocess=RadioPreprocess(stretch="asinh"))
     assert dm.class_names == ["Bent", "Compact", "FRI", "FRII"]
@@ -350,3 +357,15 @@ def test_pack_config_fits_end_to_end_and_writes_adapter_metrics_plots(tmp_path, 
     assert meta["class_names"] == ["FRI", "FRII"] and meta["method"] == "lora"
     assert {"test/acc", "test/auroc", "test/f1", "val/acc"} <= set(meta["metrics"])
     assert {"test/recall_FRI", "test/recall_FRII"} <= set(meta["metrics"])  # per-class recall, by class name
+    # inference on raw cutouts through the run's own preprocessing
+    import yaml
+
+    import vision_ft
+
+    model = vision_ft.load_adapter(run)
+    pre = yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"]["preprocess"]
+    images, _ = make_images(np.array([0, 5]), np.random.default_rng(0))
+    batch = ra.images_to_tensor([to_mirabest(im) for im in images], pre, model.backbone.input_size[0])
+    assert batch.shape == (2, 3, 32, 32) and 0.0 <= batch.min() and batch.max() <= 1.0
+    preds = model.predict_images(batch)
+    assert [set(p["probs"]) for p in preds] == [{"FRI", "FRII"}] * 2

@@ -24,7 +24,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "radio_astronomy.yaml"
 
 _EXPORTS = {
     "MiraBestData": ".data", "RadioFITSData": ".data", "RadioPNGFolderData": ".data",
-    "PreprocessedSamples": ".data", "read_fits_image": ".data",
+    "PreprocessedSamples": ".data", "read_fits_image": ".data", "images_to_tensor": ".data",
     "RadioPreprocess": ".preprocess", "background_stats": ".preprocess", "clip_background": ".preprocess",
     "stretch_to_unit": ".preprocess",
     "fr_metrics": ".metrics", "fr_ratio": ".metrics", "REPORTED_METRICS": ".metrics",

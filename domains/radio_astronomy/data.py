@@ -64,6 +64,18 @@ def _preprocess(value: RadioPreprocess | dict | None) -> RadioPreprocess:
     return value
 
 
+def images_to_tensor(images: Sequence[np.ndarray], preprocess: RadioPreprocess | dict | None, size: int):
+    """Raw images (FITS arrays, MiraBest/PNG ``uint8``) -> the ``(B, 3, size, size)`` float tensor a trained
+    run expects, through the same preprocessing as training. Pass the run's ``data.init_args.preprocess``
+    (in its ``config.yaml``): ``vision_ft.load_adapter(run).predict_images`` does not know about it."""
+    import torch
+
+    from vision_ft.data import to_tensor
+
+    pre = _preprocess(preprocess)
+    return torch.stack([to_tensor(pre(np.asarray(im)), size) for im in images])
+
+
 # ---- MiraBest ------------------------------------------------------------------------------------
 class MiraBestData(ClassificationData):
     """MiraBest pickled batches (``data_batch_1..7``, ``test_batch``, ``batches.meta``).

@@ -181,12 +181,15 @@ def read_batch(path: str | Path, image_size: int = IMAGE_SIZE) -> Batch:
     path = Path(path)
     entry = load_pickle(path)
     if not isinstance(entry, dict):
-        raise DataError(f"{path}: expected a pickled dict with keys data, labels, filenames; got {type(entry).__name__}")
+        raise DataError(f"{path}: expected a pickled dict with keys data, labels, filenames; "
+                        f"got {type(entry).__name__}")
     entry = {_text(k): v for k, v in entry.items()}
-    key = "labels" if "labels" in entry else "fine_labels"
+    key = "fine_labels" if "labels" not in entry and "fine_labels" in entry else "labels"
     missing = [k for k in ("data", key) if k not in entry]
     if missing:
-        raise DataError(f"{path}: batch lacks key(s) {missing}; it has {sorted(entry)}")
+        hint = (" Unlabelled batches (e.g. Radio Galaxy Zoo's RGZ108k) cannot train a classifier; see "
+                "datasets_cards/radio_galaxy_zoo.md." if key in missing else "")
+        raise DataError(f"{path}: batch lacks key(s) {missing}; it has {sorted(entry)}.{hint}")
     rows = entry["data"]
     try:
         if isinstance(rows, np.ndarray):
@@ -211,7 +214,8 @@ def read_batch(path: str | Path, image_size: int = IMAGE_SIZE) -> Batch:
     if codes.shape[0] != n:
         raise DataError(f"{path}: {codes.shape[0]} labels for {n} images")
     if n and (codes.min() < 0 or codes.max() > 9):
-        raise DataError(f"{path}: label codes must be 0-9 (MiraBest), found {sorted(set(codes.tolist()) - set(range(10)))}")
+        bad = sorted(set(codes.tolist()) - set(range(10)))
+        raise DataError(f"{path}: label codes must be 0-9 (MiraBest), found {bad}")
     names = [_text(f) for f in entry.get("filenames", [])] or [f"{path.name}[{i}]" for i in range(n)]
     if len(names) != n:
         raise DataError(f"{path}: {len(names)} filenames for {n} images")

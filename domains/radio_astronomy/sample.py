@@ -180,8 +180,8 @@ def beam_kernel_fft(size: int, fwhm: float = BEAM_FWHM_PX) -> np.ndarray:
 def observe(model: np.ndarray, snr: float, rng: np.random.Generator, beam_fft: np.ndarray) -> np.ndarray:
     """Beam-convolved model plus beam-correlated noise, in units of the noise rms.
 
-    Model and white noise are convolved together (one FFT pair); the noise is scaled so that
-    its rms after the beam is 1 and the model so that its smoothed peak is ``snr``.
+    Model and white noise are convolved with the beam together; the noise is scaled so that
+    its rms after the beam is 1, and the model so that its smoothed peak is ``snr``.
     """
     shape = model.shape
     power = np.sqrt((np.fft.irfft2(beam_fft, s=shape) ** 2).sum())  # rms of unit white noise after the beam
@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-batch", type=int, default=64, help="images per training batch (7 batches)")
     parser.add_argument("--n-test", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fits", action="store_true", help="also write FITS cutouts + CSV catalogues to OUT/fits_sample")
+    parser.add_argument("--fits", action="store_true",
+                        help="also write FITS cutouts + CSV catalogues to OUT/fits_sample")
     a = parser.parse_args(argv)
     folder = write_sample(a.out, a.per_batch, a.n_test, a.seed)
     print(f"wrote {folder}: SYNTHETIC radio galaxies (not sky data), MiraBest batch format, label codes 0-9")
