@@ -6,6 +6,7 @@
 - :class:`MedMNISTData`: MedMNIST-style ``.npz`` arrays (single- or multi-label).
 - :class:`DomainFolderData`: ``root/<domain>/<class>/<image>``, leave-one-domain-out.
 - :class:`FewShotSplit`: CoOp-style k-shot draws written to and reused from JSON.
+- :class:`VideoClipData`: videos with per-frame labels, causal clips, split by video (PyAV).
 - :class:`COCODetectionData`: COCO ``instances_*.json`` + images for detection (ids remapped, box-safe augmentation).
 """
 
@@ -16,8 +17,22 @@ from .few_shot import FewShotSplit, sample_indices
 from .folder import CSVManifestData, ImageFolderData
 from .npz import MedMNISTData, npz_headers
 from .samples import ArraySamples, FileSamples, ImageDataset, Samples, to_tensor
+from .video import (
+    ClipDataset, ImageFrames, LabelledVideo, VideoClipData, VideoFrames, clip_indices, decode_video,
+    extract_frames, split_videos, write_video,
+)
 
 __all__ = [
+    "ClipDataset",
+    "ImageFrames",
+    "LabelledVideo",
+    "VideoClipData",
+    "VideoFrames",
+    "clip_indices",
+    "decode_video",
+    "extract_frames",
+    "split_videos",
+    "write_video",
     "ArraySamples",
     "COCODetectionData",
     "CSVManifestData",
