@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from ..backbones import TimmViT
-from ..errors import ConfigError
+from ..errors import ConfigError, VisionFTError
 from ..methods import Method, get_method_class, registered
 
 #: bench-only defaults that change a method's set-up cost, never its training step.
@@ -237,6 +237,27 @@ def build_task(spec: MethodSpec, settings: Settings, cache: PreparedCache | None
     if prepare:
         prepare_task(task, spec, settings, cache)
     return task
+
+
+def try_build(spec: MethodSpec, settings: Settings, cache: PreparedCache | None, skipped: list[dict[str, str]],
+              log: Callable[[str], None]) -> Any | None:
+    """:func:`build_task`, or None after recording why the method does not apply to this backbone.
+
+    Only user-level errors (:class:`~vision_ft.errors.VisionFTError`, e.g. CoOp on a ViT
+    without a text tower) are a skip; anything else is a bug and propagates.
+    """
+    try:
+        return build_task(spec, settings, cache)
+    except VisionFTError as e:
+        record_skip(spec, e, skipped, log)
+        return None
+
+
+def record_skip(spec: MethodSpec, error: Exception, skipped: list[dict[str, str]],
+                log: Callable[[str], None]) -> None:
+    if not any(s["method"] == spec.label for s in skipped):
+        skipped.append({"method": spec.label, "name": spec.name, "reason": str(error)})
+        log(f"  skipped {spec.label}: does not apply here: {error}")
 
 
 def prepare_task(task: Any, spec: MethodSpec, settings: Settings, cache: PreparedCache | None) -> None:

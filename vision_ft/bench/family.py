@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..backbones import Backbone
-from ..methods import PEGO, SNELL, LoRA, Method, SPTLoRA
+from ..methods import PEGO, SNELL, CLIPLoRA, LoRA, Method, SPTLoRA
 
 
 def _modules(backbone: Backbone, roles: list[str], blocks: list[int] | None = None) -> list[str]:
@@ -59,9 +59,22 @@ def _spt_lora(m: SPTLoRA, backbone: Backbone) -> dict[str, Any] | None:
             "note": f"rank {m.r} on the {len(names)} modules SPT gave a LoRA (sparse deltas not in the twin)"}
 
 
+def _clip_lora(m: CLIPLoRA, backbone: Backbone) -> dict[str, Any]:
+    from ..methods.clip_lora import _ROLE
+
+    sites = m.sites(backbone)
+    names: list[str] = []
+    for i, target in sites:
+        name = backbone.module_name(i, _ROLE[target])
+        if name not in names:
+            names.append(name)
+    return {"r": m.r, "alpha": float(m.r), "modules": names,
+            "note": f"rank {m.r} on the fused qkv (CLIP-LoRA: r={m.r} on {'+'.join(m.targets)} slices)"}
+
+
 #: LoRA-like method class -> (method, backbone) -> rank / alpha / module names of its peft twin
 EQUIVALENTS: dict[type[Method], Callable[[Any, Backbone], dict[str, Any] | None]] = {
-    LoRA: _lora, PEGO: _pego, SNELL: _snell, SPTLoRA: _spt_lora,
+    LoRA: _lora, PEGO: _pego, SNELL: _snell, SPTLoRA: _spt_lora, CLIPLoRA: _clip_lora,
 }
 
 

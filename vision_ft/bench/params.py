@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..methods import Method
-from .common import (MethodSpec, PreparedCache, Settings, build_task, frozen_base_parameters,
-                     head_parameters, input_size, make_backbone, trainable_backbone)
+from .common import (MethodSpec, PreparedCache, Settings, frozen_base_parameters,
+                     head_parameters, input_size, make_backbone, trainable_backbone, try_build)
 
 PAPER_BACKBONE = "vit_base_patch16_224"
 
@@ -88,10 +88,13 @@ def count_row(spec: MethodSpec, task: Any, settings: Settings, base_params: int)
 def run_params(specs: list[MethodSpec], settings: Settings, cache: PreparedCache,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     base_params = sum(p.numel() for p in make_backbone(settings).model.parameters())
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     for spec in specs:
-        task = build_task(spec, settings, cache)
+        task = try_build(spec, settings, cache, skipped, log)
+        if task is None:
+            continue
         rows.append(count_row(spec, task, settings, base_params))
         log(f"  params {spec.label}: {rows[-1]['trainable_params']:,}")
         del task
-    return {"base_params": base_params, "image_size": input_size(settings), "rows": rows}
+    return {"base_params": base_params, "image_size": input_size(settings), "rows": rows, "skipped": skipped}

@@ -20,6 +20,15 @@ PEFT_GOAL = 1.05
 #: merged model latency vs the untouched base model
 MERGE_GOAL = 1.02
 
+_SPT_WHY = ("SPT's sparse deltas gather the selected input columns for every token (a tokens x k gather and an "
+            "index_add into a tokens x d_out buffer, in forward and again in backward) and keep each such layer's "
+            "input for their gradient, which a frozen linear alone would not (see the activations column); its "
+            "{kind} modules add dropout and DropPath, and it trains bias and LayerNorm vectors.")
+
+_PEGO_WHY = ("PEGO's regulariser forms W dW_i^T, a d x d matrix, for every adapted q and v slice and every "
+             "module of the group at every step (a product with the frozen weight and an L1 over d^2 entries), and "
+             "its forward hook copies the whole qkv output to add into the q and v rows.")
+
 #: why a method misses a goal, from what its training step does (shown when it misses)
 WHY: dict[tuple[str, str], str] = {
     ("dr_tune", "time"): "DR-Tune is full fine-tuning (every weight-gradient product is computed) plus a "
@@ -35,22 +44,24 @@ WHY: dict[tuple[str, str], str] = {
                        "(checkpoint) — dense matrix work the size of the frozen weights, every step.",
     ("snell", "peft"): "SNELL's update is a dense kernel matrix sparsified each step, not a rank-r product: "
                        "see its time entry.",
-    ("snell", "memory"): "SNELL's kernel and mask are dense d_out x d_in temporaries in every adapted layer.",
-    ("spt_lora", "time"): "SPT adds sparse deltas through a custom autograd function (gather/scatter over the "
-                          "selected entries) besides its LoRA modules, and trains bias / LayerNorm vectors.",
-    ("spt_adapter", "time"): "SPT adds sparse deltas through a custom autograd function (gather/scatter over the "
-                             "selected entries) besides its adapters, and trains bias / LayerNorm vectors.",
-    ("spt_lora", "peft"): "the peft twin has SPT's LoRA modules only; SPT's sparse deltas and vectors add "
-                          "their own gather/scatter work.",
+    ("spt_lora", "time"): _SPT_WHY.format(kind="LoRA"),
+    ("spt_adapter", "time"): _SPT_WHY.format(kind="adapter"),
+    ("spt_lora", "peft"): "the peft twin has SPT's LoRA modules only (without dropout / DropPath); SPT's sparse "
+                          "deltas and trained vectors add their own gather / index_add work and saved inputs.",
     ("ssf", "time"): "SSF scales and shifts the output of every linear, norm and the patch embedding: "
-                     "elementwise passes over every activation in forward and backward, and its gradients "
-                     "need a reduction over all tokens per channel.",
+                     "elementwise passes over every activation in forward and backward, a reduction over all "
+                     "tokens per channel for its gradients, and the input of every scale saved for backward "
+                     "(see the activations column).",
+    ("clip_lora", "time"): "on a timm ViT CLIP-LoRA adds three separate rank-r branches (q, k, v) into the fused "
+                           "qkv output through a forward hook, each with its own dropout (p=0.25) of the block "
+                           "input and a zero-padded add over the full 3d output; the dropped inputs are saved for "
+                           "backward (see the activations column).",
+    ("clip_lora", "peft"): "the peft twin is one rank-r branch on the fused qkv without dropout; CLIP-LoRA runs "
+                           "three branches per block (q, k, v), each with dropout p=0.25 and a zero-padded add.",
     ("lora", "peft"): "our lora is HF peft's own LoraModel injected in place, the same layers as the twin: the "
                       "gap is timing noise (compare the spread column).",
-    ("pego", "peft"): "PEGO adds its updates through forward hooks into q and v slices and computes the "
-                      "orthogonality regulariser (products with the frozen weights) every step.",
-    ("pego", "time"): "PEGO's orthogonality regulariser multiplies every adapted frozen q/v weight with the "
-                      "LoRA factors every step.",
+    ("pego", "peft"): _PEGO_WHY,
+    ("pego", "time"): _PEGO_WHY,
 }
 
 
@@ -136,24 +147,23 @@ def params_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def train_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["method", "trainable", "step ms (median)", "spread", "× full", "× peft twin", "persistent MB",
-            "grads+AdamW MB", "activations MB", "saving realised", "peak MB", "peak × full"]
+    head = ["method", "trainable", "step ms", "spread", "full ms (same rounds)", "× full", "× peft twin",
+            "persistent MB", "grads+AdamW MB", "activations MB", "saving realised", "peak MB", "peak × full"]
     ref = result["reference"]
     rows = [["full (reference)", _n(ref["trainable_params"]), _ms(ref["time"]["median_s"]),
-             _x(ref["time"]["spread"]), "1.00", "—", _mb(ref["memory"]["persistent_bytes"]),
+             _x(ref["time"]["spread"]), "—", "1.00", "—", _mb(ref["memory"]["persistent_bytes"]),
              _mb(ref["memory"]["train_state_bytes"]), _mb(ref["memory"]["activation_bytes"]), "—",
              _mb((ref.get("peak") or {}).get("peak_bytes")), "1.00" if ref.get("peak") else "—"]]
     for r in result["rows"]:
         mem, peak = r["memory"], r.get("peak") or {}
         rows.append([r["method"], _n(r["trainable_params"]), _ms(r["time"]["median_s"]), _x(r["time"]["spread"]),
-                     _x(r.get("ratio_vs_full")), _x(r.get("ratio_vs_peft")), _mb(mem["persistent_bytes"]),
-                     _mb(mem["train_state_bytes"]), _mb(mem["activation_bytes"]),
+                     _ms(r["full_time"]["median_s"]), _x(r.get("ratio_vs_full")), _x(r.get("ratio_vs_peft")),
+                     _mb(mem["persistent_bytes"]), _mb(mem["train_state_bytes"]), _mb(mem["activation_bytes"]),
                      "—" if mem.get("saving_fraction") is None else f"{100 * mem['saving_fraction']:.1f}%",
                      _mb(peak.get("peak_bytes")), _x(peak.get("ratio_vs_full"))])
     for p in result.get("peft", []):
         rows.append([f"peft LoRA r={p['r']} ({len(p['modules'])} modules)", _n(p["trainable_params"]),
-                     _ms(p["time"]["median_s"]), _x(p["time"]["spread"]),
-                     _x(p["time"]["median_s"] / ref["time"]["median_s"]), "1.00",
+                     _ms(p["time"]["median_s"]), _x(p["time"]["spread"]), "—", _x(p.get("ratio_vs_full")), "1.00",
                      _mb(p["memory"]["persistent_bytes"]), _mb(p["memory"]["train_state_bytes"]),
                      _mb(p["memory"]["activation_bytes"]), "—", "—", "—"])
     return head, rows
@@ -208,7 +218,10 @@ def terminal_report(sections: dict[str, Any]) -> str:
     for key, title, fn in (("params", "trainable parameters", params_table), ("train", "training step", train_table),
                            ("infer", "inference latency", infer_table), ("transfer", "transfer testbed", transfer_table)):
         if key in sections:
-            parts.append(f"== {title} ==\n" + text_table(*fn(sections[key]["result"])))
+            result = sections[key]["result"]
+            text = f"== {title} ==\n" + text_table(*fn(result))
+            text += "".join(f"\nskipped {s['method']}: {s['reason']}" for s in result.get("skipped", []))
+            parts.append(text)
     goals = evaluate_goals((sections.get("train") or {}).get("result"), (sections.get("infer") or {}).get("result"))
     if goals:
         lines = ["== goals ==", text_table(*goals_table(goals))]
@@ -311,8 +324,9 @@ def markdown(sections: dict[str, Any], page: Path) -> str:
            "Generated by `python -m vision_ft bench`; do not edit by hand. Every number below was measured by the "
            "command shown with it, on the machine described there.", ""]
     out += ["## How to reproduce", "",
-            "The full benchmark (ViT-B/16 at 224 px, batch 8, 2 warm-up + 5 timed steps per method; run it on an "
-            "otherwise idle machine) and the transfer testbed:", "", "```bash", FULL_COMMANDS, "```", "",
+            "The full benchmark (ViT-B/16 at 224 px, batch 8, 2 warm-up + 5 timed steps per method; estimated at "
+            "about an hour on 2 idle CPU cores — run it on an otherwise idle machine) and the transfer testbed "
+            "(a few minutes):", "", "```bash", FULL_COMMANDS, "```", "",
             "A quick smoke run on a tiny ViT (what the tests run): "
             "`python -m vision_ft bench all --quick --out runs/bench_quick`. "
             "`--device cuda` runs the same on a GPU (peak memory then is `torch.cuda.max_memory_allocated`).", ""]
@@ -341,9 +355,12 @@ def markdown(sections: dict[str, Any], page: Path) -> str:
         elif key == "train":
             ref = result["reference"]
             out += [md_table(*train_table(result)), "",
-                    f"Full fine-tuning was timed first and again last: medians {_ms(ref['time_first']['median_s'])} "
-                    f"and {_ms(ref['time_last']['median_s'])} ms (drift ×{_x(ref['time'].get('drift'))}); the "
-                    "reference is the median of both sets. `spread` = (max − min) / median of the timed steps.", "",
+                    "Each method's steps alternate with full fine-tuning's (and, for the LoRA family, with its "
+                    "peft twin's), so `× full` and `× peft twin` divide medians taken in the same rounds; `full ms "
+                    "(same rounds)` is that row's reference. The reference row pools all of full fine-tuning's "
+                    f"steps; its median in the last row over the first is ×{_x(ref['time'].get('drift'))} (drift of "
+                    "the machine during the run). `spread` = (max − min) / median of the timed steps. A peft twin "
+                    "row shows its first measurement.", "",
                     "Memory columns: **persistent** = model tensors + gradients + AdamW moments held during a step, "
                     "counted exactly from the tensors; **grads+AdamW** = its training-state part; **activations** = "
                     "bytes autograd saves for backward in one training forward (parameters excluded; PEFT methods save "
@@ -369,6 +386,9 @@ def markdown(sections: dict[str, Any], page: Path) -> str:
                     "`method.merge(backbone)`. Non-mergeable methods keep their modules at inference.", ""]
         else:
             out += _transfer_text(result) + [""]
+        if result.get("skipped"):
+            out += ["Registered but not measured here (the method does not apply to this backbone):", ""]
+            out += [f"- `{s['method']}`: {s['reason']}" for s in result["skipped"]] + [""]
     goals = evaluate_goals(train, infer)
     if goals:
         out += ["## Goals", "",

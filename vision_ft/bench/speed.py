@@ -3,9 +3,10 @@
 Train: every method's real training step (the task's forward outputs, loss, the
 method's loss adjustment and regularisers, backward, AdamW step) at one batch and
 image size, after warm-up, median of several repeats, all in this process so the
-ratios compare like with like. Full fine-tuning is the reference (timed first and
-again last, so drift of the machine shows); LoRA-family methods are also compared
-with HF peft's LoRA of the same rank and targets.
+ratios compare like with like. Each method's steps alternate with steps of full
+fine-tuning (one model kept for the whole run) and, for the LoRA family, of HF
+peft's LoRA of the same rank and targets: every ratio has its own reference,
+measured under the same load, and slow drift of a shared machine cancels out.
 
 Memory, three numbers with different meanings:
 
@@ -36,31 +37,49 @@ import torch
 
 from .common import (MethodSpec, PreparedCache, Settings, activation_bytes, build_task, frozen_base_parameters,
                      input_size, optimizer_for, quiet_logging, random_batch, ratio, summary, sync, timed,
-                     train_step, trainable_backbone, training_state_bytes)
+                     train_step, trainable_backbone, training_state_bytes, try_build)
 from .family import build_peft_task, in_lora_family, peft_equivalent
 
 FULL = MethodSpec("full")
 
 
 # --- train -----------------------------------------------------------------------------------------
-def time_training(task: Any, batch: dict[str, torch.Tensor], settings: Settings) -> dict[str, Any]:
-    """Warm-up, timed repeats, then one counted step (state bytes) and one counted forward (activations)."""
-    device = settings.torch_device
-    task.train()
-    opt = optimizer_for(task)
-    with quiet_logging():
-        for _ in range(settings.warmup):
-            train_step(task, batch, opt)
-        samples = [timed(lambda: train_step(task, batch, opt), device) for _ in range(settings.repeats)]
+class Trainee:
+    """A task with its optimiser, stepped by the timing loop."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task.train()
+        self.opt = optimizer_for(task)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        train_step(self.task, batch, self.opt)
+
+    def memory(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """One counted step (state bytes while gradients are held) and one counted forward (activations)."""
+        task, opt = self.task, self.opt
         outputs = task.forward_outputs(batch["image"])
         loss = task.add_regularizers(task.loss(outputs["logits"], batch["label"]), outputs, batch)
         loss.backward()
         opt.step()
-        state = training_state_bytes(task, opt)  # gradients still held: the in-step footprint
+        state = training_state_bytes(task, opt)
         opt.zero_grad(set_to_none=True)
         del outputs, loss
-        acts = activation_bytes(task, batch)
-    return {"time": summary(samples), "memory": {**state, "activation_bytes": acts}}
+        return {**state, "activation_bytes": activation_bytes(task, batch)}
+
+
+def time_alternating(trainees: dict[str, Trainee], batch: dict[str, torch.Tensor],
+                     settings: Settings) -> dict[str, list[float]]:
+    """Warm-up each, then ``repeats`` rounds of one timed step per trainee, in turn."""
+    device = settings.torch_device
+    samples: dict[str, list[float]] = {k: [] for k in trainees}
+    with quiet_logging():
+        for _ in range(settings.warmup):
+            for t in trainees.values():
+                t.step(batch)
+        for _ in range(settings.repeats):
+            for key, t in trainees.items():
+                samples[key].append(timed(lambda: t.step(batch), device))
+    return samples
 
 
 def measure_peak(spec: MethodSpec | dict[str, Any], settings: Settings, cache: PreparedCache | None,
@@ -121,67 +140,74 @@ def run_train(specs: list[MethodSpec], settings: Settings, cache: PreparedCache,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     size = input_size(settings)
     batch = random_batch(settings, size, seed=settings.seed)
-
-    def one(spec: MethodSpec) -> tuple[dict[str, Any], Any]:
-        task = build_task(spec, settings, cache)
-        result = time_training(task, batch, settings)
-        result.update(method=spec.label, name=spec.name, trainable_params=trainable_backbone(task),
-                      frozen_base_params=frozen_base_parameters(task), lora_family=in_lora_family(task.method))
-        return result, task
-
-    log("  train full (reference) ...")
-    full, task = one(FULL)
-    del task
-    peft_refs: dict[tuple, dict[str, Any]] = {}
-    rows = []
+    full = Trainee(build_task(FULL, settings, cache))
+    with quiet_logging():
+        full.step(batch)  # AdamW state exists before counting
+        full_memory = full.memory(batch)
+    full_params = trainable_backbone(full.task)
+    twins: dict[tuple, dict[str, Any]] = {}
+    rows, full_samples, skipped, measured = [], [], [], []
     for spec in specs:
-        log(f"  train {spec.label} ...")
-        row, task = one(spec)
+        task = try_build(spec, settings, cache, skipped, log)
+        if task is None:
+            continue
+        measured.append(spec)
+        trainees = {"full": full, "method": Trainee(task)}
         twin = peft_equivalent(task.method, task.backbone)
-        del task
-        gc.collect()
+        key = None
         if twin is not None:
             key = (twin["r"], twin["alpha"], tuple(twin["modules"]))
-            if key not in peft_refs:
-                log(f"  train peft LoRA r={twin['r']} on {len(twin['modules'])} modules ...")
-                ptask = build_peft_task(settings, twin["r"], twin["alpha"], twin["modules"])
-                ref = time_training(ptask, batch, settings)
-                ref.update(r=twin["r"], alpha=twin["alpha"], modules=twin["modules"],
-                           trainable_params=trainable_backbone(ptask))
-                peft_refs[key] = ref
-                del ptask
-                gc.collect()
-            ref = peft_refs[key]
+            trainees["twin"] = Trainee(build_peft_task(settings, twin["r"], twin["alpha"], twin["modules"]))
+        log(f"  train {spec.label} (alternating with full fine-tuning"
+            f"{' and peft LoRA r=%d on %d modules' % (twin['r'], len(twin['modules'])) if twin else ''}) ...")
+        samples = time_alternating(trainees, batch, settings)
+        with quiet_logging():
+            memory = trainees["method"].memory(batch)
+        row: dict[str, Any] = {
+            "method": spec.label, "name": spec.name, "trainable_params": trainable_backbone(task),
+            "frozen_base_params": frozen_base_parameters(task), "lora_family": in_lora_family(task.method),
+            "time": summary(samples["method"]), "full_time": summary(samples["full"]), "memory": memory,
+        }
+        row["ratio_vs_full"] = ratio(row["time"]["median_s"], row["full_time"]["median_s"])
+        full_samples += samples["full"]
+        if twin is not None:
+            twin_time = summary(samples["twin"])
+            if key not in twins:
+                with quiet_logging():
+                    twin_memory = trainees["twin"].memory(batch)
+                twins[key] = {"r": twin["r"], "alpha": twin["alpha"], "modules": twin["modules"],
+                              "trainable_params": trainable_backbone(trainees["twin"].task),
+                              "time": twin_time, "ratio_vs_full": ratio(twin_time["median_s"],
+                                                                        row["full_time"]["median_s"]),
+                              "memory": twin_memory}
             row["peft_twin"] = {"r": twin["r"], "modules": len(twin["modules"]), "note": twin["note"],
-                                "median_s": ref["time"]["median_s"], "trainable_params": ref["trainable_params"]}
-            row["ratio_vs_peft"] = ratio(row["time"]["median_s"], ref["time"]["median_s"])
+                                "time": twin_time, "trainable_params": twins[key]["trainable_params"]}
+            row["ratio_vs_peft"] = ratio(row["time"]["median_s"], twin_time["median_s"])
         rows.append(row)
-    log("  train full (reference, again) ...")
-    full_end, task = one(FULL)
-    del task
-    gc.collect()
-    full_samples = full["time"]["samples_s"] + full_end["time"]["samples_s"]
-    reference = summary(full_samples)
-    reference["drift"] = ratio(full_end["time"]["median_s"], full["time"]["median_s"])
+        del task, trainees
+        gc.collect()
     for row in rows:
-        row["ratio_vs_full"] = ratio(row["time"]["median_s"], reference["median_s"])
         mem = row["memory"]
         ideal = 12 * row["frozen_base_params"]  # gradient + two AdamW moments, fp32
-        realised = full["memory"]["persistent_bytes"] - mem["persistent_bytes"]
+        realised = full_memory["persistent_bytes"] - mem["persistent_bytes"]
         mem["ideal_saving_bytes"] = ideal
         mem["realised_saving_bytes"] = realised
         mem["saving_fraction"] = ratio(float(realised), float(ideal)) if ideal else None
-        mem["persistent_ratio_vs_full"] = ratio(mem["persistent_bytes"], full["memory"]["persistent_bytes"])
-        mem["activation_ratio_vs_full"] = ratio(mem["activation_bytes"], full["memory"]["activation_bytes"])
-    result: dict[str, Any] = {"image_size": size, "reference": {**full, "time": reference,
-                                                                "time_first": full["time"],
-                                                                "time_last": full_end["time"]},
-                              "rows": rows, "peft": list(peft_refs.values())}
+        mem["persistent_ratio_vs_full"] = ratio(mem["persistent_bytes"], full_memory["persistent_bytes"])
+        mem["activation_ratio_vs_full"] = ratio(mem["activation_bytes"], full_memory["activation_bytes"])
+    reference = summary(full_samples) if full_samples else None
+    if reference is not None:
+        reference["drift"] = ratio(rows[-1]["full_time"]["median_s"], rows[0]["full_time"]["median_s"])
+    result: dict[str, Any] = {"image_size": size, "rows": rows, "peft": list(twins.values()), "skipped": skipped,
+                              "reference": {"method": "full", "trainable_params": full_params, "time": reference,
+                                            "memory": full_memory}}
+    del full
+    gc.collect()
     if settings.rss or settings.device.startswith("cuda"):
         log("  peak memory: full (fresh process) ...")
         full_peak = measure_peak(FULL, settings, cache, out_dir)
         result["reference"]["peak"] = full_peak
-        for row, spec in zip(rows, specs):
+        for row, spec in zip(rows, measured):
             log(f"  peak memory: {spec.label} (fresh process) ...")
             row["peak"] = measure_peak(spec, settings, cache, out_dir)
             row["peak"]["ratio_vs_full"] = ratio(row["peak"]["peak_bytes"], full_peak["peak_bytes"])
@@ -211,10 +237,13 @@ def run_infer(specs: list[MethodSpec], settings: Settings, cache: PreparedCache,
     images = random_batch(settings, input_size(settings), seed=settings.seed)["image"]
     base = build_task(MethodSpec("linear"), settings, cache).eval()
     base_fn = lambda: base(images)  # noqa: E731
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     for spec in specs:
+        task = try_build(spec, settings, cache, skipped, log)
+        if task is None:
+            continue
         log(f"  infer {spec.label} ...")
-        task = build_task(spec, settings, cache)
         task.method.on_train_end(task)  # the trained state a run exports (MoSA folds its experts)
         task.eval()
         fn = lambda: task(images)  # noqa: E731
@@ -239,4 +268,4 @@ def run_infer(specs: list[MethodSpec], settings: Settings, cache: PreparedCache,
         rows.append(row)
         del task
         gc.collect()
-    return {"image_size": input_size(settings), "rows": rows}
+    return {"image_size": input_size(settings), "rows": rows, "skipped": skipped}

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ..backbones import TimmViT
-from ..errors import ConfigError
-from .common import MethodSpec, optimizer_for, quiet_logging, train_step
+from ..errors import ConfigError, VisionFTError
+from .common import MethodSpec, optimizer_for, quiet_logging, record_skip, train_step
 from .shapes import GENERATOR_VERSION, SOURCE_CLASSES, TARGET_CLASSES, render
 
 ARCH = "vit_tiny_patch16_224"  # timm's ViT, resized by model_args
@@ -147,6 +147,18 @@ def accuracy(backbone: Any, head: nn.Module, images: torch.Tensor, labels: torch
 
 
 def _backbone(config: TransferConfig, checkpoint: Path | None) -> TimmViT:
+    import logging
+
+    timm_log = logging.getLogger("timm")
+    level = timm_log.level
+    timm_log.setLevel(logging.WARNING)  # one "loading pretrained weights" line per run is noise here
+    try:
+        return _build_backbone(config, checkpoint)
+    finally:
+        timm_log.setLevel(level)
+
+
+def _build_backbone(config: TransferConfig, checkpoint: Path | None) -> TimmViT:
     return TimmViT(ARCH, pretrained=False, checkpoint=str(checkpoint) if checkpoint else None,
                    img_size=config.image_size, model_args=config.model_args(), init_seed=0)
 
@@ -211,16 +223,21 @@ def run_transfer(specs: list[MethodSpec], config: TransferConfig, directory: Pat
     overrides = {name: args for name, args in defaults.items() if any(s.name == name for s in specs)}
     del probe, lora
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     for spec in specs:
         runs = []
         for seed in config.seeds:
             t0 = time.time()
             torch.manual_seed(seed)
             method = spec.build(defaults)
-            task = ImageClassificationTask(_backbone(config, model_path), method=method,
-                                           num_classes=len(TARGET_CLASSES), lr=config.lr,
-                                           weight_decay=config.weight_decay)
+            try:
+                task = ImageClassificationTask(_backbone(config, model_path), method=method,
+                                               num_classes=len(TARGET_CLASSES), lr=config.lr,
+                                               weight_decay=config.weight_decay)
+            except VisionFTError as e:  # e.g. a method that needs a CLIP text tower
+                record_skip(spec, e, skipped, log)
+                break
             method.prepare(task, TensorData(*data["target_train"], batch_size=config.batch_size))
             fit(task, *data["target_train"], epochs=config.epochs, batch_size=config.batch_size, seed=seed)
             trained = method.trainable_parameters(task.backbone)  # before MoSA folds its experts
@@ -234,6 +251,8 @@ def run_transfer(specs: list[MethodSpec], config: TransferConfig, directory: Pat
             log(f"  transfer {spec.label} seed {seed}: target {target:.3f}, retention {retention:.3f} "
                 f"({runs[-1]['seconds']:.1f} s)")
             del task
+        if not runs:
+            continue
         row: dict[str, Any] = {"method": spec.label, "name": spec.name, "runs": runs,
                                "trainable_params": runs[0]["trainable_params"],
                                "trainable_with_head": runs[0]["trainable_params"] + runs[0]["head_params"]}
@@ -245,4 +264,4 @@ def run_transfer(specs: list[MethodSpec], config: TransferConfig, directory: Pat
             "source_classes": list(SOURCE_CLASSES), "target_classes": list(TARGET_CLASSES),
             "source_acc": source_acc, "checkpoint": str(model_path), "checkpoint_reused": reused,
             "seeds": list(config.seeds), "method_args": {**overrides, **(method_args or {})},
-            "std": "sample standard deviation over seeds", "rows": rows, "seconds": time.time() - started}
+            "std": "sample standard deviation over seeds", "rows": rows, "skipped": skipped, "seconds": time.time() - started}
