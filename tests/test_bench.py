@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vision_ft.bench import cmd_bench, write_report
-from vision_ft.bench.common import MethodSpec, RandomData, Settings, parse_methods
+from vision_ft.bench.common import RandomData, Settings, parse_methods
 from vision_ft.errors import ConfigError
 from vision_ft.methods import registered
 
@@ -142,7 +142,7 @@ def test_report_page_has_tables_plots_command_and_machine(quick, tmp_path):
     page = write_report(out, tmp_path / "benchmarks.md")
     text = page.read_text()
     cpu = json.loads((out / "bench_train.json").read_text())["meta"]["machine"]["cpu"]
-    assert "`python -m vision_ft bench all --quick" in text and cpu in text
+    assert "`python -m vision_ft bench all --quick" in text and cpu in text and "**Reduced run**" in text
     for name in METHODS:
         assert f"| {name} |" in text
     for heading in ("## Trainable parameters", "## Training step", "## Inference latency", "## Goals"):

@@ -89,7 +89,10 @@ def parse_methods(tokens: list[str] | None, method_args: dict[str, dict[str, Any
             specs += [MethodSpec(n) for n in names]
             continue
         name, *pairs = tok.split(":")
-        name = get_method_class(name).name  # "did you mean" on typos
+        try:
+            name = get_method_class(name).name  # "did you mean" on typos
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("(model.init_args.method)", "(bench --methods)")) from None
         args = {}
         for pair in pairs:
             if "=" not in pair:

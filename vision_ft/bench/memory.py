@@ -82,7 +82,8 @@ def build_for_memory(spec: Any, settings: Any, cache: Any) -> Any:
 
 
 def measure(config: dict[str, Any]) -> dict[str, Any]:
-    from .common import MethodSpec, PreparedCache, Settings, input_size, optimizer_for, quiet_logging, random_batch, train_step
+    from .common import (MethodSpec, PreparedCache, Settings, input_size, optimizer_for, quiet_logging,
+                         random_batch, train_step)
 
     settings = Settings(**config["settings"])
     torch.set_num_threads(int(config.get("threads") or settings.threads))

@@ -264,4 +264,5 @@ def run_transfer(specs: list[MethodSpec], config: TransferConfig, directory: Pat
             "source_classes": list(SOURCE_CLASSES), "target_classes": list(TARGET_CLASSES),
             "source_acc": source_acc, "checkpoint": str(model_path), "checkpoint_reused": reused,
             "seeds": list(config.seeds), "method_args": {**overrides, **(method_args or {})},
-            "std": "sample standard deviation over seeds", "rows": rows, "skipped": skipped, "seconds": time.time() - started}
+            "std": "sample standard deviation over seeds", "rows": rows, "skipped": skipped,
+            "seconds": time.time() - started}
