@@ -106,7 +106,36 @@ class ResumableDataLoader(DataLoader):
         self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
 
 
-class ClassificationData(L.LightningDataModule):
+class SplitLoaders:
+    """The four dataloaders of a datamodule with ``dataset(split)``, ``batch_size``, ``seed``,
+    ``num_workers`` and ``trainer``: training through :func:`train_loader` (epoch-seeded,
+    rank-split, resumable), evaluation in order with its own generator. ``collate_fn``
+    (a class attribute) batches items that the default collate cannot (boxes, clips)."""
+
+    collate_fn = None
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        extra = {"collate_fn": type(self).collate_fn} if type(self).collate_fn is not None else {}
+        if shuffle:
+            return train_loader(dataset, self.batch_size, self.seed, self.num_workers, self.trainer, **extra)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, generator=loader_generator(self.seed), **extra)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class ClassificationData(SplitLoaders, L.LightningDataModule):
     """Common options of every classification datamodule.
 
     Args:
@@ -259,24 +288,6 @@ class ClassificationData(L.LightningDataModule):
         """The torch dataset of a split (``train`` is the few-shot subset when ``shots`` is set)."""
         return ImageDataset(self._split(split), self.image_size, flip=self.augment and split == "train")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(split)
-        if not shuffle:
-            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0, generator=loader_generator(self.seed))
-        return train_loader(dataset, self.batch_size, self.seed, self.num_workers, self.trainer)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 def train_loader(dataset, batch_size: int, seed: int, num_workers: int = 0, trainer=None, **kwargs) -> DataLoader:

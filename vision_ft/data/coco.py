@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
 from ..errors import ConfigError, DataError
-from .base import loader_generator, train_loader
+from .base import SplitLoaders
 from .samples import pil_to_array
 
 log = logging.getLogger("vision_ft")
@@ -395,7 +395,7 @@ def detection_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- data module --------------------------------------------------------------------------------
-class COCODetectionData(L.LightningDataModule):
+class COCODetectionData(SplitLoaders, L.LightningDataModule):
     """COCO-format detection data for any ``instances_*.json`` + image folder.
 
     Paths are relative to ``root`` unless absolute; the defaults match a layout
@@ -424,6 +424,8 @@ class COCODetectionData(L.LightningDataModule):
         val_fraction: share of training images held out when there is no ``val_ann``.
         seed: seed of the held-out draw and of the training order.
     """
+
+    collate_fn = staticmethod(detection_collate)
 
     def __init__(
         self,
@@ -577,27 +579,6 @@ class COCODetectionData(L.LightningDataModule):
             self.split_dataset("val")
         if stage in (None, "test", "predict"):
             self.split_dataset("test")
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(split)
-        if shuffle:  # the kit's training loader: epoch-seeded order, split across ranks, resumable mid-epoch
-            return train_loader(dataset, self.batch_size, self.seed, self.num_workers, self.trainer,
-                                collate_fn=detection_collate)
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=detection_collate, persistent_workers=self.num_workers > 0,
-                          generator=loader_generator(self.seed))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -40,11 +40,11 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from ..export import atomic_write_text
-from .base import loader_generator, train_loader
+from .base import SplitLoaders
 from .samples import pil_to_array, to_tensor
 
 log = logging.getLogger("vision_ft")
@@ -416,7 +416,7 @@ def split_videos(ids: Sequence[str], train: Sequence[str] | None = None, val: Se
 
 
 # --- datamodule --------------------------------------------------------------------------------
-class VideoClipData(L.LightningDataModule):
+class VideoClipData(SplitLoaders, L.LightningDataModule):
     """Base datamodule for videos with per-frame labels, split by video.
 
     A format subclass reads its layout in ``__init__`` (so ``num_classes``, ``class_names``
@@ -548,22 +548,3 @@ class VideoClipData(L.LightningDataModule):
         if stage in (None, "fit") and log_dir and (trainer.is_global_zero if trainer is not None else True):
             self.split_file = atomic_write_text(Path(log_dir) / "video_splits.json",
                                                 json.dumps(self.splits, indent=2) + "\n")
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(split)
-        if shuffle:  # epoch-seeded order, split across ranks, resumable mid-epoch
-            return train_loader(dataset, self.batch_size, self.seed, self.num_workers, self.trainer)
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, generator=loader_generator(self.seed))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
