@@ -8,7 +8,9 @@ norms, and never needs to know which library built the model.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,3 +111,25 @@ class Backbone(nn.Module):
             step = max(1, flat.numel() // 4096)
             h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def resolve_checkpoint(checkpoint: str, names: tuple[str, ...]) -> Path:
+    """``backbone.init_args.checkpoint`` as a file: the path itself, or the first of ``names`` in a folder."""
+    from ..errors import BackboneError
+
+    path = Path(os.path.expanduser(checkpoint))
+    if path.is_dir():
+        for fname in names:
+            if (path / fname).is_file():
+                return path / fname
+        raise BackboneError(f"backbone.init_args.checkpoint={checkpoint!r} is a folder without "
+                            f"{' / '.join(names[:2])}")
+    if not path.is_file():
+        raise BackboneError(f"backbone.init_args.checkpoint={checkpoint!r}: no such file")
+    return path
+
+
+def first_line(e: BaseException) -> str:
+    """The first line or two of an exception message, for one-line errors."""
+    text = str(e).strip().splitlines()
+    return " ".join(text[:2])[:300] if text else type(e).__name__

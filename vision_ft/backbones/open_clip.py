@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError, ConfigError
-from .base import Backbone
+from .base import Backbone, first_line, resolve_checkpoint
 
 log = logging.getLogger("vision_ft")
 
@@ -174,7 +173,7 @@ class OpenCLIP(Backbone):
                 open_clip.load_checkpoint(model, str(path), weights_only=True)
             except Exception as e:  # shape mismatch, missing keys, refused pickle
                 raise BackboneError(f"checkpoint {str(path)!r} does not fit open_clip model {self.name!r} "
-                                    f"(backbone.init_args.checkpoint / name): {_first_line(e)}") from None
+                                    f"(backbone.init_args.checkpoint / name): {first_line(e)}") from None
             self.weights_source = f"local checkpoint {path}"
             return model
         if self.pretrained:
@@ -187,7 +186,7 @@ class OpenCLIP(Backbone):
             except Exception as e:  # hub unreachable, cache empty, unknown tag
                 raise BackboneError(
                     f"open_clip weights {self.name!r} / {self.pretrained!r} are not reachable "
-                    f"({type(e).__name__}: {_first_line(e)}). Offline, set backbone.init_args.checkpoint="
+                    f"({type(e).__name__}: {first_line(e)}). Offline, set backbone.init_args.checkpoint="
                     "/path/to/open_clip_model.safetensors (an open_clip state dict) or "
                     "backbone.init_args.pretrained=null for random init.") from None
             self.weights_source = f"pretrained {self.name} / {self.pretrained} (open_clip)"
@@ -368,18 +367,5 @@ def build_backbone_for_counts(name: str) -> Backbone:
 
 
 def _resolve_checkpoint(checkpoint: str) -> Path:
-    path = Path(os.path.expanduser(checkpoint))
-    if path.is_dir():
-        for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
-            if (path / fname).is_file():
-                return path / fname
-        raise BackboneError(f"backbone.init_args.checkpoint={checkpoint!r} is a folder without "
-                            "open_clip_model.safetensors / open_clip_pytorch_model.bin")
-    if not path.is_file():
-        raise BackboneError(f"backbone.init_args.checkpoint={checkpoint!r}: no such file")
-    return path
+    return resolve_checkpoint(checkpoint, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"))
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return " ".join(text[:2])[:300] if text else type(e).__name__

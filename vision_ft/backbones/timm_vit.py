@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError
-from .base import Backbone, PackedSlice
+from .base import Backbone, PackedSlice, first_line, resolve_checkpoint
 
 log = logging.getLogger("vision_ft")
 
@@ -106,7 +105,7 @@ class TimmViT(Backbone):
             except Exception as e:  # shape mismatch, missing keys, refused pickle
                 raise BackboneError(
                     f"checkpoint {str(path)!r} does not fit backbone {self.name!r} "
-                    f"(backbone.init_args.checkpoint / name): {_first_line(e)}"
+                    f"(backbone.init_args.checkpoint / name): {first_line(e)}"
                 ) from None
             self.weights_source = f"local checkpoint {path}"
             return model
@@ -116,7 +115,7 @@ class TimmViT(Backbone):
             except Exception as e:  # hub unreachable, cache empty, no weights for this name
                 raise BackboneError(
                     f"pretrained weights for {arch!r} are not reachable "
-                    f"({type(e).__name__}: {_first_line(e)}). Offline, set "
+                    f"({type(e).__name__}: {first_line(e)}). Offline, set "
                     "backbone.init_args.checkpoint=/path/to/weights.safetensors (timm state "
                     "dict) or backbone.init_args.pretrained=false for random init."
                 ) from None
@@ -203,20 +202,5 @@ class TimmViT(Backbone):
 
 
 def _resolve_checkpoint(checkpoint: str) -> Path:
-    path = Path(os.path.expanduser(checkpoint))
-    if path.is_dir():
-        for fname in ("model.safetensors", "pytorch_model.bin", "model.pth"):
-            if (path / fname).is_file():
-                return path / fname
-        raise BackboneError(
-            f"backbone.init_args.checkpoint={checkpoint!r} is a folder without "
-            "model.safetensors / pytorch_model.bin"
-        )
-    if not path.is_file():
-        raise BackboneError(f"backbone.init_args.checkpoint={checkpoint!r}: no such file")
-    return path
+    return resolve_checkpoint(checkpoint, ("model.safetensors", "pytorch_model.bin", "model.pth"))
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return " ".join(text[:2])[:300] if text else type(e).__name__
