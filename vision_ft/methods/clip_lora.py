@@ -47,17 +47,17 @@ _ROLE = {"q": "q", "k": "k", "v": "v", "o": "proj"}
 
 
 def _branch(module: nn.Module, key: str, x: torch.Tensor) -> torch.Tensor:
-    """``s B A dropout(x)`` for target ``key`` registered on ``module``."""
-    a, b = getattr(module, f"clip_lora_A_{key}"), getattr(module, f"clip_lora_B_{key}")
+    """The update's output ``Delta W dropout(x)`` for target ``key`` registered on ``module``
+    (``s B A dropout(x)`` for CLIP-LoRA; the method class stored on the module computes it)."""
     p = module._clip_lora_dropout
     if p > 0 and module.training:
         x = F.dropout(x, p, training=True)
-    return F.linear(F.linear(x.to(a.dtype), a), b) * module._clip_lora_scale
+    return module._clip_lora_impl.branch(module, key, x)
 
 
 def _delta(module: nn.Module, key: str) -> torch.Tensor:
-    a, b = getattr(module, f"clip_lora_A_{key}"), getattr(module, f"clip_lora_B_{key}")
-    return (b @ a) * module._clip_lora_scale
+    """The dense update ``Delta W`` (out x in) for target ``key``."""
+    return module._clip_lora_impl.delta(module, key)
 
 
 def _linear_hook(module: nn.Linear, args, output: torch.Tensor) -> torch.Tensor:
@@ -204,27 +204,55 @@ class CLIPLoRA(Method):
             out += [(i, t) for t in self.targets]
         return out
 
+    # --- the parameterisation (subclasses with another form of Delta W override these three) ---
+    def init_tensors(self, module: nn.Module, target: str, weight: torch.Tensor) -> dict[str, nn.Parameter | torch.Tensor]:
+        """The tensors of one site, by name suffix (registered as ``<prefix><suffix>_<target>``):
+        ``nn.Parameter`` values train, plain tensors become buffers. ``weight`` is the frozen
+        (out x in) weight of the site (rows of a packed one)."""
+        d_out, d_in = weight.shape
+        a = torch.empty(self.r, d_in, dtype=weight.dtype, device=weight.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        b = torch.zeros(d_out, self.r, dtype=weight.dtype, device=weight.device)
+        return {"A": nn.Parameter(a), "B": nn.Parameter(b)}
+
+    @classmethod
+    def branch(cls, module: nn.Module, key: str, x: torch.Tensor) -> torch.Tensor:
+        """``Delta W x`` for site ``key`` of ``module`` (input dropout already applied)."""
+        a, b = getattr(module, f"{cls.prefix}A_{key}"), getattr(module, f"{cls.prefix}B_{key}")
+        return F.linear(F.linear(x.to(a.dtype), a), b) * module._clip_lora_scale
+
+    @classmethod
+    def delta(cls, module: nn.Module, key: str) -> torch.Tensor:
+        """The dense ``Delta W`` (out x in) of site ``key``."""
+        a, b = getattr(module, f"{cls.prefix}A_{key}"), getattr(module, f"{cls.prefix}B_{key}")
+        return (b @ a) * module._clip_lora_scale
+
+    # --- placement (shared by the CLIP-LoRA family) -------------------------------------
     def apply(self, backbone: Backbone) -> None:
         for i, target in self.sites(backbone):
             site = backbone.linear(i, _ROLE[target])
             if isinstance(site, nn.Linear):
-                module, start, stop, d_in = site, 0, site.out_features, site.in_features
+                module, start, stop, weight = site, 0, site.out_features, site.weight
             elif isinstance(site, PackedSlice):
-                module, start, stop, d_in = site.linear, site.start, site.stop, site.in_features
-            else:  # an open_clip AttentionWeight: the factors live on the nn.MultiheadAttention
+                module, start, stop = site.linear, site.start, site.stop
+                weight = site.linear.weight[start:stop]
+            else:  # an open_clip AttentionWeight: the tensors live on the nn.MultiheadAttention
                 module = backbone.model.get_submodule(site.name.removesuffix(".out_proj"))
                 if not isinstance(module, nn.MultiheadAttention):
-                    raise ConfigError(f"clip_lora cannot adapt {site.name} ({type(module).__name__})")
-                start, stop, d_in = site.start, site.stop, site.in_features
-            ref = next(module.parameters())
-            a = torch.empty(self.r, d_in, dtype=ref.dtype, device=ref.device)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            b = torch.zeros(stop - start, self.r, dtype=ref.dtype, device=ref.device)
-            module.register_parameter(f"clip_lora_A_{target}", nn.Parameter(a))
-            module.register_parameter(f"clip_lora_B_{target}", nn.Parameter(b))
+                    raise ConfigError(f"{self.name} cannot adapt {site.name} ({type(module).__name__})")
+                start, stop, weight = site.start, site.stop, site.weight
+            if getattr(module, "_clip_lora_impl", type(self)) is not type(self):
+                raise ConfigError(f"{site.name} is already adapted by {module._clip_lora_impl.name}")
+            for suffix, tensor in self.init_tensors(module, target, weight.detach()).items():
+                name = f"{self.prefix}{suffix}_{target}"
+                if isinstance(tensor, nn.Parameter):
+                    module.register_parameter(name, tensor)
+                else:
+                    module.register_buffer(name, tensor)
             if not hasattr(module, "_clip_lora"):
                 module._clip_lora = {}
                 module._clip_lora_scale, module._clip_lora_dropout = self.scale, self.dropout
+                module._clip_lora_impl = type(self)
                 if isinstance(module, nn.MultiheadAttention):
                     module.forward = types.MethodType(_mha_forward, module)
                 else:
@@ -246,12 +274,14 @@ class CLIPLoRA(Method):
                 else:
                     weight = module.weight
                 weight[start:stop] += delta.to(weight.dtype)
-                delattr(module, f"clip_lora_A_{target}")
-                delattr(module, f"clip_lora_B_{target}")
+                own = [n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+                       if n.startswith(self.prefix) and n.endswith(f"_{target}")]
+                for name in own:
+                    delattr(module, name)
             if isinstance(module, nn.MultiheadAttention):
                 del module.forward  # back to the class's forward
             else:
                 for key in [k for k, fn in module._forward_hooks.items() if fn is _linear_hook]:
                     del module._forward_hooks[key]
-            del module._clip_lora, module._clip_lora_scale, module._clip_lora_dropout
+            del module._clip_lora, module._clip_lora_scale, module._clip_lora_dropout, module._clip_lora_impl
         self.merged = True
