@@ -3,6 +3,7 @@
     python -m vision_ft fit --config domains/medical.yaml [--model.init_args.method=lora ...]
     python -m vision_ft methods --backbone vit_base_patch16_224 [--json]
     python -m vision_ft export RUN_DIR --merge --out OUT_DIR
+    python -m vision_ft export RUN_DIR --interpolate 0 0.5 1 --out OUT_DIR   # WiSE-FT
     python -m vision_ft new-domain NAME --from medical
     python -m vision_ft bench {params,train,infer,all,transfer} [--quick]
 """
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -151,30 +153,45 @@ def cmd_methods(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    """Export a run: merge the adapter into the base weights and write the native model."""
+    """Export a run: merge the adapter into the base weights and write the native model, or
+    (``--interpolate``) WiSE-FT weight-space ensembles of the zero-shot and the fine-tuned model."""
     from .export import export_merged
 
     p = argparse.ArgumentParser(prog="vision_ft export", description=cmd_export.__doc__)
     p.add_argument("run_dir", help="run directory holding adapter.json + adapter.safetensors")
     p.add_argument("--merge", action="store_true", help="fold the method into the base weights")
+    p.add_argument("--interpolate", type=float, nargs="+", metavar="ALPHA", default=None,
+                   help="WiSE-FT: write (1-ALPHA)*zero-shot + ALPHA*fine-tuned (merged) for each ALPHA in [0, 1]; "
+                        "several values write OUT/alpha_<ALPHA> folders (CLIP tasks, mergeable methods)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", default=None,
                    help="local base weights, when the run used hub weights that are not reachable now")
     a = p.parse_args(argv)
+    overrides = {"checkpoint": a.checkpoint} if a.checkpoint else None
+    if a.interpolate is not None:
+        from .wise_ft import export_interpolated
+
+        outs = export_interpolated(a.run_dir, a.out, a.interpolate, backbone=overrides)
+        for alpha, out in zip(a.interpolate, outs):
+            print(f"WiSE-FT alpha={alpha:g}: {_describe_export(out)}")
+        return 0
     if not a.merge:
-        p.error("nothing to do: pass --merge (the run directory already holds the adapter itself)")
-    out = export_merged(a.run_dir, a.out, backbone={"checkpoint": a.checkpoint} if a.checkpoint else None)
+        p.error("nothing to do: pass --merge or --interpolate ALPHA (the run directory already holds the adapter)")
+    out = export_merged(a.run_dir, a.out, backbone=overrides)
+    print(f"merged model {_describe_export(out)}")
+    return 0
+
+
+def _describe_export(out: Path) -> str:
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
     if (out / "open_clip_config.json").is_file():
-        print(f"merged model written to {out} (open_clip local-dir layout + class_text_features.safetensors); "
-              f"load with open_clip.create_model('local-dir:{out}')")
-    elif config.get("architectures"):  # a transformers save_pretrained folder (e.g. the D-FINE detector)
-        print(f"merged model written to {out} ({config['architectures'][0]}, transformers save_pretrained); "
-              f"load with transformers.AutoModelForObjectDetection.from_pretrained('{out}')")
-    else:
-        print(f"merged model written to {out} (model.safetensors + config.json, timm native); "
-              f"load with timm.create_model('local-dir:{out}', pretrained=True)")
-    return 0
+        return (f"written to {out} (open_clip local-dir layout + class_text_features.safetensors); "
+                f"load with open_clip.create_model('local-dir:{out}')")
+    if config.get("architectures"):  # a transformers save_pretrained folder (D-FINE, HF CLIP)
+        return (f"written to {out} ({config['architectures'][0]}, transformers save_pretrained); "
+                f"load with transformers.{config['architectures'][0]}.from_pretrained('{out}')")
+    return (f"written to {out} (model.safetensors + config.json, timm native); "
+            f"load with timm.create_model('local-dir:{out}', pretrained=True)")
 
 
 def cmd_bench(argv: list[str]) -> int:

@@ -91,6 +91,12 @@ class BaseTask(pl.LightningModule):
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], backbone_overrides: dict[str, Any] | None = None) -> "BaseTask":
+        backbone = cls.backbone_from_metadata(meta, backbone_overrides)
+        return cls(backbone=backbone, method=meta["method_spec"], **meta.get("task_args", {}))
+
+    @staticmethod
+    def backbone_from_metadata(meta: dict[str, Any], backbone_overrides: dict[str, Any] | None = None) -> Backbone:
+        """The run's base model as it was before training (checked against its fingerprint)."""
         spec = meta["backbone"]
         init_args = {**spec.get("init_args", {}), **(backbone_overrides or {})}
         backbone = import_class(spec["class_path"])(**init_args)
@@ -100,7 +106,7 @@ class BaseTask(pl.LightningModule):
                 "adapter was trained on (fingerprint mismatch); pass the original weights via "
                 "backbone overrides (e.g. {'checkpoint': ...})"
             )
-        return cls(backbone=backbone, method=meta["method_spec"], **meta.get("task_args", {}))
+        return backbone
 
     # --- what is trained and saved -----------------------------------------------------
     def saved_key(self, key: str) -> bool:

@@ -57,6 +57,9 @@ class CLIPClassificationTask(BaseTask):
         are CLIP-LoRA's: AdamW, lr 2e-4, weight decay 1e-2, cosine without warm-up)
     """
 
+    #: the untrained model is a classifier (zero-shot): WiSE-FT (``export --interpolate``) applies
+    has_zero_shot_model = True
+
     def __init__(
         self,
         backbone: Backbone,
