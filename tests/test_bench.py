@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -230,3 +232,20 @@ def test_transfer_testbed_reports_accuracy_params_and_retention(tmp_path):
     assert again["checkpoint_reused"] is True and again["source_acc"] == result["source_acc"]
     assert (tmp_path / "page" / "transfer.png").read_bytes()[:8] == PNG
     assert "## Transfer testbed" in (tmp_path / "page.md").read_text()
+
+
+def test_append_adds_rows_to_a_section_measured_with_the_same_settings(tmp_path):
+    out = str(tmp_path / "b")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cmd_bench(["params", "--quick", "--methods", "lora", "ssf", "--out", out]) == 0
+        assert cmd_bench(["params", "--quick", "--methods", "ssf:init_std=0.5", "linear", "--append",
+                          "--out", out]) == 0
+    saved = json.loads((tmp_path / "b" / "bench_params.json").read_text())
+    labels = [r["method"] for r in saved["result"]["rows"]]
+    assert sorted(labels) == sorted(["lora", "ssf", "linear", "ssf[init_std=0.5]"]) and labels == sorted(labels)
+    assert saved["meta"]["command"].endswith("--methods lora ssf --out " + out)
+    assert saved["meta"]["appended"][0]["methods"] == ["linear", "ssf[init_std=0.5]"]
+    text = write_report(tmp_path / "b", tmp_path / "page.md").read_text()
+    assert "added by `python -m vision_ft bench params --quick --methods ssf:init_std=0.5 linear --append" in text
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(ConfigError, match="other settings.*batch_size"):
+        cmd_bench(["params", "--quick", "--batch-size", "3", "--methods", "lora", "--append", "--out", out])

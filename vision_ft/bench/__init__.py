@@ -43,6 +43,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="render the Markdown page (and PAGE/*.png) from every section in --out")
     p.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (what the tests run)")
+    p.add_argument("--append", action="store_true",
+                   help="add the measured methods' rows to the section files already in --out (same settings "
+                        "required) instead of replacing them: measure a newly registered method without "
+                        "re-running the others")
 
 
 def _speed(p: argparse.ArgumentParser) -> None:
@@ -119,6 +123,41 @@ def _method_args(text: str | None) -> dict[str, dict[str, Any]]:
     return value
 
 
+#: settings that must agree for rows of two runs to share one table
+_COMPARABLE = ("backbone", "image_size", "batch_size", "num_classes", "warmup", "repeats", "device",
+               "grad_checkpointing", "seed", "lr")
+
+
+def append_rows(old: dict[str, Any], new: dict[str, Any], section: str) -> dict[str, Any]:
+    """``old`` section with ``new``'s rows added (a method measured again replaces its old row).
+
+    Each train row carries its own full-fine-tuning timings from the rounds it alternated with, so
+    its ratios stay side by side; the commands that added rows are listed in ``meta["appended"]``.
+    """
+    old_s, new_s = old["meta"]["settings"], new["meta"]["settings"]
+    differ = [k for k in _COMPARABLE if old_s.get(k) != new_s.get(k)]
+    if section == "transfer":
+        differ = sorted(k for k in set(old_s) | set(new_s) if old_s.get(k) != new_s.get(k))
+    if differ:
+        raise ConfigError(f"bench --append: the {section} results in --out were measured with other settings "
+                          f"({', '.join(f'{k}: {old_s.get(k)!r} vs {new_s.get(k)!r}' for k in differ)}); "
+                          "use the same settings or a new --out")
+    o, n = old["result"], new["result"]
+    labels = {r["method"] for r in n.get("rows", [])} | {r["method"] for r in n.get("skipped", [])}
+    merged = dict(o)
+    merged["rows"] = sorted([r for r in o.get("rows", []) if r["method"] not in labels] + list(n.get("rows", [])),
+                            key=lambda r: r["method"])
+    merged["skipped"] = [r for r in o.get("skipped", []) if r["method"] not in labels] + list(n.get("skipped", []))
+    if "peft" in o:
+        seen = {(p["r"], tuple(p["modules"])) for p in o["peft"]}
+        merged["peft"] = list(o["peft"]) + [p for p in n.get("peft", []) if (p["r"], tuple(p["modules"])) not in seen]
+    meta = dict(old["meta"])
+    meta["appended"] = list(meta.get("appended", [])) + [
+        {"command": new["meta"]["command"], "methods": sorted(labels), "machine": new["meta"]["machine"],
+         "wall_s": new["meta"]["wall_s"], "load_average_end": new["meta"]["load_average_end"]}]
+    return {"meta": meta, "result": merged}
+
+
 def load_sections(out: Path) -> dict[str, Any]:
     sections = {}
     for key in (*SECTIONS, "transfer"):
@@ -179,6 +218,9 @@ def _run(a: argparse.Namespace, argv: list[str]) -> int:
         meta = {"command": command, "settings": settings, "machine": machine,
                 "wall_s": time.time() - started, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
         results[section] = {"meta": meta, "result": result}
+        path = out / f"bench_{section}.json"
+        if a.append and path.is_file():
+            results[section] = append_rows(json.loads(path.read_text()), results[section], section)
         atomic_write_text(out / f"bench_{section}.json", json.dumps(results[section], indent=1, default=str) + "\n")
 
     if a.section == "transfer":

@@ -342,6 +342,11 @@ def markdown(sections: dict[str, Any], page: Path) -> str:
         s = meta.get("settings", {})
         out += [f"## {title}", "", f"Command: `{meta['command']}`", ""]
         out += _machine_lines(meta)
+        for extra in meta.get("appended", []):
+            m = extra["machine"]
+            out.append(f"- rows {', '.join(f'`{x}`' for x in extra['methods'])} added by `{extra['command']}` "
+                       f"(--append, same settings; date {m['date']}, wall time {extra['wall_s'] / 60:.1f} min, "
+                       f"load average at start {m.get('load_average')}, at end {extra.get('load_average_end')})")
         if key != "transfer":
             size = sections[key]["result"].get("image_size", s.get("image_size"))
             out.append(f"- backbone `{s['backbone']}` with random weights, image {size} px, "
