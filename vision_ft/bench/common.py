@@ -401,6 +401,8 @@ def training_state_bytes(task: Any, opt: torch.optim.Optimizer) -> dict[str, int
 def count_saved_activations(exclude: set[int] | None = None) -> Iterator[dict[str, int]]:
     """Bytes autograd saves for backward inside the block; storages in ``exclude`` (parameters) skipped.
 
+    The forward inside cannot be back-propagated (nothing is kept for it).
+
     Storages are counted once. Tensors saved inside an activation-checkpointed region
     are held by the checkpoint, not by autograd, and are therefore not counted (that is
     the saving checkpointing makes; its recomputation re-creates them one block at a time).
@@ -408,20 +410,24 @@ def count_saved_activations(exclude: set[int] | None = None) -> Iterator[dict[st
     out = {"bytes": 0, "tensors": 0}
     seen: set[int] = set(exclude or ())
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
+        # Count, then keep nothing: returning ``t`` would make the graph hold its own outputs through
+        # C++ (a cycle Python's collector cannot see), leaking every counted forward's activations.
         try:
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
         except (RuntimeError, NotImplementedError):  # tensors without storage
-            return t
-        if ptr == 0 or ptr in seen:
-            return t
-        seen.add(ptr)
-        out["bytes"] += storage.nbytes()
-        out["tensors"] += 1
-        return t
+            return None
+        if ptr != 0 and ptr not in seen:
+            seen.add(ptr)
+            out["bytes"] += storage.nbytes()
+            out["tensors"] += 1
+        return None
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_: None) -> torch.Tensor:
+        raise RuntimeError("a forward run under count_saved_activations is for counting only: no backward")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield out
 
 
