@@ -95,3 +95,28 @@ def test_offline_pretrained_tag_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BackboneError, match="backbone.init_args.checkpoint"):
         OpenCLIP("ViT-B-32", pretrained="laion2b_s34b_b79k")
+
+
+def test_dense_features_are_the_last_block_with_self_only_attention_then_ln_post_and_proj():
+    backbone = OpenCLIP("open_clip_test_tiny").eval()
+    x = backbone.preprocess(X)
+    with torch.no_grad():
+        pooled, dense = backbone.dense_features(x, return_pooled=True)
+        visual = backbone.model.visual
+        last = visual.transformer.resblocks[-1]
+        assert not last._forward_pre_hooks  # the capture hook is gone
+        assert torch.equal(pooled, backbone.encode_image(x))
+        grabbed = []
+        handle = last.register_forward_pre_hook(lambda m, a: grabbed.append(a[0]))
+        backbone.encode_image(x)
+        handle.remove()
+        tokens = grabbed[0]
+        mask = torch.full((tokens.shape[1],) * 2, float("-inf"))
+        mask.fill_diagonal_(0.0)
+        ref = visual.ln_post(last(tokens, attn_mask=mask))[:, 1:] @ visual.proj
+        ordinary = backbone.features(x)[1] @ visual.proj
+        again = backbone.dense_features(x)
+    assert dense.shape == (2, 16, 32)  # (32 / 8)^2 patches, class token dropped, joint space
+    assert torch.allclose(dense, ref, atol=1e-5)
+    assert not torch.allclose(dense, ordinary, atol=1e-3)
+    assert torch.equal(again, dense)

@@ -292,6 +292,38 @@ class OpenCLIP(Backbone):
             visual.output_tokens = previous
         return pooled, tokens
 
+    def dense_features(self, x: torch.Tensor, return_pooled: bool = False):
+        """Normalised images -> per-patch features (B, N_patches, embed_dim) in the joint image-text space,
+        class token dropped, not L2-normalised (GL-MCM / LoCoOp / Local-Prompt local features): with
+        ``x`` the input of the last visual block, ``v = x + ls_1(out_proj(W_v ln_1(x) + b_v))``,
+        ``v = v + ls_2(mlp(ln_2(v)))`` -- the last block with every token attending only to itself --
+        then ``ln_post`` and ``proj``. ``return_pooled``: ``(encode_image(x), dense)`` from one pass."""
+        visual = self.model.visual
+        last = visual.transformer.resblocks[-1]
+        attn = getattr(last, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or hasattr(last, "ln_1_kv") \
+                or getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False) \
+                or getattr(visual, "pool_type", "tok") != "tok":
+            raise NotImplementedError(f"dense_features needs a class-token open_clip ViT with the default residual "
+                                      f"block; {self.name!r} is not one (backbone.init_args.name)")
+        seen: list[torch.Tensor] = []
+        handle = last.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            out = visual(x)
+        finally:
+            handle.remove()
+        pooled = out[0] if isinstance(out, tuple) else out
+        tokens = seen[-1] if getattr(visual.transformer, "batch_first", True) else seen[-1].transpose(0, 1)
+        d = attn.embed_dim
+        bias = attn.in_proj_bias[2 * d:] if attn.in_proj_bias is not None else None
+        v = F.linear(last.ln_1(tokens), attn.in_proj_weight[2 * d:], bias)
+        v = tokens + last.ls_1(F.linear(v, attn.out_proj.weight, attn.out_proj.bias))
+        v = v + last.ls_2(last.mlp(last.ln_2(v)))
+        dense = visual.ln_post(v)[:, 1:]
+        if visual.proj is not None:
+            dense = dense @ visual.proj
+        return (pooled, dense) if return_pooled else dense
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_image(x)
 
@@ -356,11 +388,17 @@ class OpenCLIP(Backbone):
 
 def build_backbone_for_counts(name: str) -> Backbone:
     """A randomly initialised backbone for parameter counts (``python -m vision_ft methods --backbone``):
-    an open_clip model name or tiny preset gives :class:`OpenCLIP`, anything else ``TimmViT``."""
+    an open_clip model name or tiny preset gives :class:`OpenCLIP`, a transformers CLIP/SigLIP tiny preset
+    or known hub id (``openai/clip-vit-base-patch16``, ``google/siglip-base-patch16-224``...) ``HFCLIP``,
+    anything else ``TimmViT``."""
     import open_clip
 
     if name in TINY_PRESETS or open_clip.get_model_config(name) is not None:
         return OpenCLIP(name)
+    from .hf_clip import HFCLIP, is_hf_clip_name
+
+    if is_hf_clip_name(name):
+        return HFCLIP(name)
     from .timm_vit import TimmViT
 
     return TimmViT(name, pretrained=False)

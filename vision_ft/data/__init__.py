@@ -8,6 +8,7 @@
 - :class:`FewShotSplit`: CoOp-style k-shot draws written to and reused from JSON.
 - :class:`VideoClipData`: videos with per-frame labels, causal clips, split by video (PyAV).
 - :class:`COCODetectionData`: COCO ``instances_*.json`` + images for detection (ids remapped, box-safe augmentation).
+- :class:`OODData`: an in-distribution classification datamodule + OOD image folders (tagged test loader).
 """
 
 from .base import ClassificationData, EpochShuffleSampler, ResumableDataLoader, train_loader
@@ -16,6 +17,7 @@ from .domains import DomainFolderData, write_domain_sample
 from .few_shot import FewShotSplit, sample_indices
 from .folder import CSVManifestData, ImageFolderData
 from .npz import MedMNISTData, npz_headers
+from .ood import OODData, OODTestSet, list_images, write_ood_sample
 from .samples import ArraySamples, FileSamples, ImageDataset, Samples, to_tensor
 from .video import (
     ClipDataset, ImageFrames, LabelledVideo, VideoClipData, VideoFrames, clip_indices, decode_video,
@@ -45,13 +47,17 @@ __all__ = [
     "ImageDataset",
     "ImageFolderData",
     "MedMNISTData",
+    "OODData",
+    "OODTestSet",
     "ResumableDataLoader",
     "Samples",
     "coco_to_cxcywh",
     "cxcywh_to_coco",
+    "list_images",
     "npz_headers",
     "sample_indices",
     "to_tensor",
     "train_loader",
     "write_domain_sample",
+    "write_ood_sample",
 ]

@@ -3,7 +3,9 @@
 from .base import BaseTask
 from .classification import ImageClassificationTask
 from .clip_classification import CLIPClassificationTask
+from .clip_ood import CLIPOODTask
 from .detection import DetectionTask
 from .video import VideoPhaseTask
 
-__all__ = ["BaseTask", "CLIPClassificationTask", "DetectionTask", "ImageClassificationTask", "VideoPhaseTask"]
+__all__ = ["BaseTask", "CLIPClassificationTask", "CLIPOODTask", "DetectionTask", "ImageClassificationTask",
+           "VideoPhaseTask"]

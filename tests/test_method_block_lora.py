@@ -1,0 +1,180 @@
+"""Block-LoRA: count r(d_out + d_in/n), Delta W = 0 at init, identical column blocks, branch = B A_s sum_j x_j,
+exact merge, native export, n must divide d_in."""
+
+import json
+
+import pytest
+import torch
+
+import vision_ft.methods.block_lora  # noqa: F401 - registers block_lora
+from vision_ft.backbones import TimmViT
+from vision_ft.backbones.open_clip import OpenCLIP
+from vision_ft.errors import ConfigError
+from vision_ft.methods.block_lora import BlockLoRA
+from vision_ft.tasks.clip_classification import CLIPClassificationTask
+
+NAMES = ["normal", "lesion", "fibrosis", "calcification"]
+X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _perturb(model, scale=0.3):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _encode(b):
+    tokens = b.tokenize(["a photo of a lesion.", "fibrosis"])
+    return b.encode_image(b.preprocess(X)), b.encode_text(tokens)
+
+
+def _sites(backbone):
+    return [(mod, t) for mod in backbone.model.modules() for t in getattr(mod, "_clip_lora", {})]
+
+
+def _task(**kw):
+    method = {"class_path": "vision_ft.methods.block_lora.BlockLoRA", "init_args": kw}
+    return CLIPClassificationTask(OpenCLIP("open_clip_test_tiny"), method=method, num_classes=4, class_names=NAMES,
+                                  templates=["a photo of a {}.", "a {} image."]).eval()
+
+
+def _formula(r, n, widths_and_blocks, targets=3):
+    """The paper's count under the input-block reading: r (d_out + d_in / n) per adapted square projection."""
+    return sum(r * (d + d // n) * targets * blocks for d, blocks in widths_and_blocks)
+
+
+def test_count_on_vit_b16_both_towers_follows_r_dout_plus_din_over_n():
+    backbone = OpenCLIP("ViT-B-16")
+    method = BlockLoRA()
+    method.apply(backbone)
+    assert (method.r, method.n) == (2, 8)
+    # 2 * (768 + 768 / 8) * 3 * 12 (visual) + 2 * (512 + 512 / 8) * 3 * 12 (text) = 62,208 + 41,472
+    assert method.trainable_parameters(backbone) == _formula(2, 8, [(768, 12), (512, 12)]) == 103_680
+    shapes = {n.rsplit(".", 1)[1]: tuple(p.shape) for n, p in backbone.model.named_parameters()
+              if p.requires_grad and n.startswith("visual.")}
+    assert shapes == {f"block_lora_{x}_{t}": s for t in "qkv" for x, s in (("A", (2, 96)), ("B", (768, 2)))}
+    vit = TimmViT("vit_base_patch16_224", pretrained=False)  # fused qkv: the q/k/v row blocks of one linear
+    m = BlockLoRA()
+    m.apply(vit)
+    assert m.trainable_parameters(vit) == _formula(2, 8, [(768, 12)]) == 62_208
+
+
+def test_zero_at_init_and_step_zero_is_the_zero_shot_model():
+    base = OpenCLIP("open_clip_test_tiny").eval()
+    base.requires_grad_(False)
+    b = OpenCLIP("open_clip_test_tiny").eval()
+    torch.manual_seed(0)
+    BlockLoRA().apply(b)
+    for mod, t in _sites(b):
+        assert torch.equal(BlockLoRA.delta(mod, t), torch.zeros(32, 32))
+    # only B is zero; A_s ~ U(+-1/sqrt(d_in)): CLIP-LoRA's Kaiming bound for the dense r x d_in A, not A_s's own
+    a = torch.cat([getattr(mod, f"block_lora_A_{t}").flatten() for mod, t in _sites(b)])
+    assert a.numel() == 12 * 2 * 4 and 0.9 * 32 ** -0.5 < a.abs().max() <= 32 ** -0.5
+    with torch.no_grad():
+        for ref, out in zip(_encode(base), _encode(b)):
+            assert torch.equal(ref, out)
+
+
+def test_column_blocks_are_identical_and_branch_is_b_as_sum_of_chunks():
+    b = OpenCLIP("open_clip_test_tiny")
+    BlockLoRA(n=4, targets=["q", "k", "v", "o"]).apply(b)
+    _perturb(b.model)
+    sites = _sites(b)
+    assert len(sites) == 16
+    x = torch.randn(3, 5, 32)
+    for mod, t in sites:
+        a, bb = getattr(mod, f"block_lora_A_{t}"), getattr(mod, f"block_lora_B_{t}")
+        assert a.shape == (2, 8) and bb.shape == (32, 2)
+        delta = BlockLoRA.delta(mod, t)
+        blocks = delta.split(8, dim=1)
+        assert len(blocks) == 4 and all(torch.equal(blocks[0], blk) for blk in blocks[1:])
+        assert blocks[0].abs().max() > 1e-3
+        assert torch.allclose(blocks[0], bb @ a * mod._clip_lora_scale, atol=0, rtol=0)
+        chunks_sum = x[..., 0:8] + x[..., 8:16] + x[..., 16:24] + x[..., 24:32]
+        out = BlockLoRA.branch(mod, t, x)
+        assert torch.allclose(out, chunks_sum @ a.T @ bb.T * mod._clip_lora_scale, atol=1e-6)
+        assert torch.allclose(out, x @ delta.T, atol=1e-5)
+
+
+def test_branch_path_equals_the_dense_path_in_attention():
+    b = OpenCLIP("open_clip_test_tiny")
+    BlockLoRA(targets=["q", "k", "v", "o"], dropout=0.25).apply(b)
+    _perturb(b.model)
+    with torch.no_grad():
+        b.eval()
+        dense = _encode(b)
+        for mod in b.model.modules():
+            if hasattr(mod, "_clip_lora"):
+                mod._clip_lora_dropout = 1e-12  # own attention path through branch(), mask all ones
+        b.train()
+        branched = _encode(b)
+    for x, y in zip(dense, branched):
+        assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_merge_is_exact_and_leaves_a_plain_model():
+    task = _task(targets=["q", "v"])
+    b = task.backbone
+    keys = set(OpenCLIP("open_clip_test_tiny").model.state_dict())
+    mha = b.model.transformer.resblocks[1].attn
+    w0 = mha.in_proj_weight.detach().clone()
+    _perturb(b.model)
+    task._cache.clear()
+    expected = w0.clone()
+    for t, rows in (("q", slice(0, 32)), ("v", slice(64, 96))):
+        block = getattr(mha, f"block_lora_B_{t}") @ getattr(mha, f"block_lora_A_{t}")  # 32 x 4 (n = 8)
+        expected[rows] += torch.cat([block] * 8, dim=1) * task.method.scale
+    with torch.no_grad():
+        before = task(X)
+        task.method.merge(b)
+        task._cache.clear()
+        after = task(X)
+    assert torch.allclose(before, after, atol=1e-5, rtol=0)
+    assert torch.allclose(mha.in_proj_weight, expected, atol=1e-6)
+    assert torch.equal(mha.in_proj_weight[32:64], w0[32:64])  # k untouched
+    assert set(b.model.state_dict()) == keys
+    assert type(mha) is torch.nn.MultiheadAttention and "forward" not in mha.__dict__
+    assert not any(hasattr(mod, "_clip_lora") for mod in b.model.modules())
+
+
+def test_adapter_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
+    import open_clip
+
+    from vision_ft.export import export_merged, load_adapter, save_adapter
+
+    task = _task()
+    _perturb(task.backbone.model)
+    task._cache.clear()
+    save_adapter(task, tmp_path / "run")
+    loaded = load_adapter(tmp_path / "run")
+    assert isinstance(loaded.method, BlockLoRA) and loaded.method.n == 8
+    with torch.no_grad():
+        expected = task(X)
+        assert torch.equal(expected, loaded(X))
+    out = export_merged(tmp_path / "run", tmp_path / "out")
+    native = open_clip.create_model(f"local-dir:{out}").eval()
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    with torch.no_grad():
+        text = native.encode_text(tokenizer([t.format(n) for n in cfg["class_names"] for t in cfg["templates"]]),
+                                  normalize=True).view(4, 2, -1).mean(1)
+        text = torch.nn.functional.normalize(text, dim=-1)
+        logits = native.logit_scale.exp() * native.encode_image(task.backbone.preprocess(X), normalize=True) @ text.T
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert not any("block_lora" in k for k in native.state_dict())
+
+
+def test_n_must_divide_the_input_width_and_n_one_is_clip_lora():
+    with pytest.raises(ConfigError, match=r"init_args\.n=5 does not divide the input width 32"):
+        BlockLoRA(n=5).apply(OpenCLIP("open_clip_test_tiny"))
+    with pytest.raises(ConfigError, match=r"init_args\.n must be"):
+        BlockLoRA(n=0)
+    b = OpenCLIP("open_clip_test_tiny")
+    BlockLoRA(n=1).apply(b)
+    _perturb(b.model)
+    mod, t = _sites(b)[0]
+    a, bb = getattr(mod, f"block_lora_A_{t}"), getattr(mod, f"block_lora_B_{t}")
+    assert a.shape == (2, 32)
+    assert torch.allclose(BlockLoRA.delta(mod, t), bb @ a * mod._clip_lora_scale, atol=0, rtol=0)

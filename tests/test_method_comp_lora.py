@@ -1,0 +1,211 @@
+"""Comp-LoRA: count, Delta W orthogonal to the leading left-singular subspace (also after AdamW),
+step-0 = zero-shot, exact merge, branch = dense path, saved basis, native export, config errors."""
+
+import json
+
+import pytest
+import torch
+
+import vision_ft.methods.comp_lora  # noqa: F401 - registers comp_lora
+from vision_ft.backbones.open_clip import OpenCLIP
+from vision_ft.errors import ConfigError
+from vision_ft.methods.comp_lora import CompLoRA
+from vision_ft.tasks.clip_classification import CLIPClassificationTask
+
+NAMES = ["normal", "lesion", "fibrosis", "calcification"]
+X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _perturb(model, scale=0.3):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _encode(b):
+    tokens = b.tokenize(["a photo of a lesion.", "fibrosis"])
+    return b.encode_image(b.preprocess(X)), b.encode_text(tokens)
+
+
+def _sites(backbone):
+    """(module, target, frozen rows) of every adapted site."""
+    out = []
+    for mod in backbone.model.modules():
+        for t, (start, stop) in getattr(mod, "_clip_lora", {}).items():
+            w = mod.out_proj.weight if t == "o" else mod.in_proj_weight
+            out.append((mod, t, w[start:stop].detach()))
+    return out
+
+
+def _task(**kw):
+    method = {"class_path": "vision_ft.methods.comp_lora.CompLoRA", "init_args": kw}
+    return CLIPClassificationTask(OpenCLIP("open_clip_test_tiny"), method=method, num_classes=4, class_names=NAMES,
+                                  templates=["a photo of a {}.", "a {} image."]).eval()
+
+
+def test_count_on_vit_b16_both_towers_equals_clip_lora_plus_saved_bases():
+    backbone = OpenCLIP("ViT-B-16")
+    method = CompLoRA()
+    method.apply(backbone)
+    assert method.k == 8 and method.r == 2
+    # trainable: 2 * (768 + 768) * 3 * 12 + 2 * (512 + 512) * 3 * 12, the projector adds nothing trainable
+    assert method.trainable_parameters(backbone) == 184_320
+    saved = method.adapter_state_dict(backbone)
+    bases = {k: v for k, v in saved.items() if ".comp_lora_U_" in k}
+    assert len(bases) == 3 * 24 and sum(v.numel() for v in bases.values()) == 8 * (768 + 512) * 3 * 12 == 368_640
+    assert sum(v.numel() for v in saved.values()) == 184_320 + 368_640
+    assert all(not p.requires_grad for n, p in backbone.model.named_parameters() if "comp_lora_" not in n)
+
+
+def test_update_is_orthogonal_to_the_leading_singular_subspace_also_after_adamw():
+    b = OpenCLIP("open_clip_test_tiny")
+    m = CompLoRA(k=12, targets=["q", "k", "v", "o"], dropout=0.0)
+    m.apply(b)
+    _perturb(b.model)  # random non-zero B and A
+    sites = _sites(b)
+    assert len(sites) == 4 * 4
+    for mod, t, w in sites:
+        u = getattr(mod, f"comp_lora_U_{t}")
+        assert u.shape == (32, 12) and not u.requires_grad
+        # U_k spans the leading left-singular subspace of this very row block (float64 reference)
+        ref = torch.linalg.svd(w.double())[0][:, :12]
+        assert torch.allclose((u @ u.T).double(), ref @ ref.T, atol=1e-5)
+    params = [p for p in b.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
+    before = {id(mod): mod.comp_lora_B_q.detach().clone() for mod, t, _ in sites if t == "q"}
+    for _ in range(3):
+        img, txt = _encode(b)
+        loss = (img ** 2).sum() + (txt ** 3).sum()
+        opt.zero_grad()
+        loss.backward()
+        for mod, t, _ in sites:  # the projected-out part of B gets no gradient ...
+            u, g = getattr(mod, f"comp_lora_U_{t}"), getattr(mod, f"comp_lora_B_{t}").grad
+            assert (u.T @ g).norm() <= 1e-5 * g.norm()
+        opt.step()
+    for mod, t, _ in sites:
+        u = getattr(mod, f"comp_lora_U_{t}")
+        delta = CompLoRA.delta(mod, t)
+        raw = getattr(mod, f"comp_lora_B_{t}") @ getattr(mod, f"comp_lora_A_{t}")
+        assert delta.norm() > 1e-3
+        assert (u.T @ delta).norm() / delta.norm() < 1e-5
+        assert (u.T @ raw).norm() / raw.norm() > 1e-2  # ... yet B itself is not confined: the projection does it
+    # ... and AdamW's per-coordinate steps moved B inside span(U_k) too (why a projected gradient is not enough)
+    moved = [(mod.comp_lora_U_q.T @ (mod.comp_lora_B_q - before[id(mod)])).norm() for mod, t, _ in sites if t == "q"]
+    assert max(moved) > 1e-4
+
+
+def test_zero_init_is_the_zero_shot_model_on_both_towers():
+    base = OpenCLIP("open_clip_test_tiny").eval()
+    base.requires_grad_(False)  # the frozen zero-shot model (PyTorch's attention kernel depends on requires_grad)
+    b = OpenCLIP("open_clip_test_tiny").eval()
+    CompLoRA().apply(b)
+    with torch.no_grad():
+        for ref, out in zip(_encode(base), _encode(b)):
+            assert torch.equal(ref, out)
+
+
+def test_merge_is_exact_and_leaves_a_plain_model():
+    task = _task(targets=["q", "v"])
+    b = task.backbone
+    keys = set(OpenCLIP("open_clip_test_tiny").model.state_dict())  # the plain open_clip model's
+    assert any("comp_lora_U_" in k for k in b.model.state_dict())
+    mha = b.model.visual.transformer.resblocks[1].attn
+    w0 = mha.in_proj_weight.detach().clone()
+    _perturb(b.model)
+    task._cache.clear()
+    m = task.method
+    expected = w0.clone()
+    for t, rows in (("q", slice(0, 32)), ("v", slice(64, 96))):
+        u, bt, at = (getattr(mha, f"comp_lora_{x}_{t}") for x in "UBA")
+        expected[rows] += (torch.eye(32) - u @ u.T) @ bt @ at * m.scale
+    assert (expected - w0).abs().max() > 1e-2  # a real update is merged
+    with torch.no_grad():
+        before = task(X)
+        m.merge(b)
+        task._cache.clear()
+        after = task(X)
+    assert torch.allclose(before, after, atol=1e-5, rtol=0)
+    assert torch.allclose(mha.in_proj_weight, expected, atol=1e-6)
+    assert torch.equal(mha.in_proj_weight[32:64], w0[32:64])  # k untouched
+    assert set(b.model.state_dict()) == keys  # no comp_lora_ parameters or buffers left
+    assert not [n for n, _ in [*b.model.named_parameters(), *b.model.named_buffers()] if "comp_lora_" in n]
+    assert type(mha) is torch.nn.MultiheadAttention and "forward" not in mha.__dict__
+    assert not any(hasattr(mod, "_clip_lora") for mod in b.model.modules())
+
+
+def test_branch_path_equals_the_dense_path():
+    """Training with dropout computes s (I - U U^T) B A x per token (branch); eval folds Delta W into the
+    packed weight (delta): both give the same attention."""
+    b = OpenCLIP("open_clip_test_tiny")
+    CompLoRA(targets=["q", "k", "v", "o"], dropout=0.25).apply(b)
+    _perturb(b.model)
+    with torch.no_grad():
+        b.eval()
+        dense = _encode(b)
+        for mod in b.model.modules():
+            if hasattr(mod, "_clip_lora"):
+                mod._clip_lora_dropout = 1e-12  # own attention path through branch(), mask all ones
+        b.train()
+        branched = _encode(b)
+    for x, y in zip(dense, branched):
+        assert torch.allclose(x, y, atol=1e-5)
+    mod, t, _ = _sites(b)[0]
+    x = torch.randn(5, 32)
+    assert torch.allclose(CompLoRA.branch(mod, t, x), x @ CompLoRA.delta(mod, t).T, atol=1e-6)
+
+
+def test_adapter_saves_the_basis_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
+    import open_clip
+    from safetensors.torch import load_file
+
+    from vision_ft.export import export_merged, load_adapter, save_adapter
+
+    task = _task()
+    _perturb(task.backbone.model)
+    task._cache.clear()
+    save_adapter(task, tmp_path / "run")
+    tensors = load_file(tmp_path / "run" / "adapter.safetensors")
+    bases = [k for k in tensors if ".comp_lora_U_" in k]
+    assert len(bases) == 3 * 4 and all(tensors[k].shape == (32, 8) for k in bases)
+    loaded = load_adapter(tmp_path / "run")
+    assert isinstance(loaded.method, CompLoRA) and loaded.method.k == 8
+    mha = loaded.backbone.model.transformer.resblocks[0].attn
+    assert torch.equal(mha.comp_lora_U_k, task.backbone.model.transformer.resblocks[0].attn.comp_lora_U_k)
+    with torch.no_grad():
+        expected = task(X)
+        assert torch.equal(expected, loaded(X))
+    out = export_merged(tmp_path / "run", tmp_path / "out")
+    native = open_clip.create_model(f"local-dir:{out}").eval()
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    with torch.no_grad():  # the zero-shot head rebuilt with open_clip alone
+        text = native.encode_text(tokenizer([t.format(n) for n in cfg["class_names"] for t in cfg["templates"]]),
+                                  normalize=True).view(4, 2, -1).mean(1)
+        text = torch.nn.functional.normalize(text, dim=-1)
+        logits = native.logit_scale.exp() * native.encode_image(task.backbone.preprocess(X), normalize=True) @ text.T
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert not any("comp_lora" in k for k in native.state_dict())
+
+
+def test_k_zero_is_clip_lora_and_bad_k_is_a_config_error():
+    from vision_ft.methods.clip_lora import CLIPLoRA
+
+    torch.manual_seed(0)
+    a = OpenCLIP("open_clip_test_tiny")
+    CompLoRA(k=0).apply(a)
+    torch.manual_seed(0)
+    b = OpenCLIP("open_clip_test_tiny")
+    CLIPLoRA().apply(b)
+    _perturb(a.model)
+    _perturb(b.model)
+    with torch.no_grad():
+        for x, y in zip(_encode(a.eval()), _encode(b.eval())):
+            assert torch.allclose(x, y, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"init_args\.k=32"):
+        CompLoRA(k=32).apply(OpenCLIP("open_clip_test_tiny"))  # width 32: nothing left to adapt
+    with pytest.raises(ConfigError, match=r"init_args\.k must be"):
+        CompLoRA(k=-1)
+    with pytest.raises(ConfigError, match="dropout"):
+        CompLoRA(dropout=1.0)
