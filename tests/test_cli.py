@@ -199,5 +199,10 @@ def test_methods_command_counts_clip_lora_on_open_clip_vit_b_16(capsys):
     by_name = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert by_name["clip_lora"]["trainable_params"] == 184_320  # r=2 on q,k,v of both towers (CLIP-LoRA)
     assert by_name["coop"]["trainable_params"] == 16 * 512
+    assert by_name["comp_lora"]["trainable_params"] == 184_320  # CLIP-LoRA's factors, projected (bases are buffers)
+    # Block-LoRA: r (d_out + d_in / n) per q/k/v site, r=2, n=8: 36 visual sites (768) + 36 text sites (512)
+    assert by_name["block_lora"]["trainable_params"] == 2 * (768 + 768 // 8) * 36 + 2 * (512 + 512 // 8) * 36
+    # Local-Prompt sized for ImageNet-1k without class names: (1000 local + 300 negative) x 16 x 512
+    assert by_name["local_prompt"]["trainable_params"] == (1000 + 300) * 16 * 512
     # methods written for a timm ViT say why they do not apply instead of crashing the listing
     assert all(r["trainable_params"] is not None or r["error"] for r in by_name.values())
