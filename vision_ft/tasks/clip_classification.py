@@ -115,8 +115,11 @@ class CLIPClassificationTask(BaseTask):
             novel[held] = torch.arange(len(held))
             self.register_buffer("_held_of", novel, persistent=False)
         self._init_state = {n: p.detach().clone() for n, p in backbone.model.named_parameters() if p.requires_grad}
+        # the text head changes during training when the method supplies it or trains text-tower weights
+        # (tensors a method hangs on the root model, e.g. Local-Prompt's prompts, are not the text tower's)
         self._text_trains = hasattr(self.method, "class_text_features") or any(
-            p.requires_grad for _, p in backbone.tower_parameters("text"))
+            p.requires_grad for n, p in backbone.tower_parameters("text")
+            if not (self.method.prefix and n.startswith(self.method.prefix)))
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _held_out_indices(self) -> list[int]:
