@@ -113,6 +113,53 @@ class Backbone(nn.Module):
         return h.hexdigest()[:16]
 
 
+TOWERS = ("visual", "text")
+
+
+class TwoTowerBackbone(Backbone):
+    """A CLIP-style backbone: ``blocks`` are the residual blocks of the towers in ``self.towers``
+    (visual first, then text, by default), indexed across towers; subclasses name each tower's
+    block list with :meth:`_tower_prefix`, check ``towers`` with :meth:`_check_towers` before building
+    and call :meth:`_index_towers` once the model exists."""
+
+    towers: list[str]
+    _index: list[tuple[str, int]]
+
+    def _tower_prefix(self, tower: str) -> str:
+        """Dotted name (inside ``self.model``) of the tower's list of blocks."""
+        raise NotImplementedError
+
+    def _check_towers(self, towers: list[str]) -> None:
+        from ..errors import ConfigError
+
+        bad = [t for t in towers if t not in TOWERS] or ([] if towers else ["(empty)"])
+        if bad or len(set(towers)) != len(towers):
+            raise ConfigError(f"backbone.init_args.towers={towers!r}: choose distinct entries from {list(TOWERS)}")
+        self.towers = list(towers)
+
+    def _index_towers(self) -> None:
+        self._index = [(t, j) for t in self.towers for j in range(len(self._tower_blocks(t)))]
+
+    def _tower_blocks(self, tower: str) -> list[nn.Module]:
+        return list(self.model.get_submodule(self._tower_prefix(tower)))
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [self._tower_blocks(t)[j] for t, j in self._index]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._index)
+
+    def tower(self, block: int) -> str:
+        """``visual`` or ``text``: the tower of block ``block``."""
+        return self._index[block][0]
+
+    def tower_block(self, block: int) -> int:
+        """Index of block ``block`` inside its tower."""
+        return self._index[block][1]
+
+
 def resolve_checkpoint(checkpoint: str, names: tuple[str, ...]) -> Path:
     """``backbone.init_args.checkpoint`` as a file: the path itself, or the first of ``names`` in a folder."""
     from ..errors import BackboneError

@@ -74,11 +74,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError, ConfigError
-from .base import Backbone, first_line
+from .base import TwoTowerBackbone, first_line
 
 log = logging.getLogger("vision_ft")
 
-TOWERS = ("visual", "text")
 
 #: CLIP's BPE special tokens (ids in the 49,408-entry vocabulary).
 _SOT, _EOT = 49406, 49407
@@ -154,7 +153,7 @@ def clip_bpe_tokenizer(context_length: int = 77):
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=context_length)
 
 
-class HFCLIP(Backbone):
+class HFCLIP(TwoTowerBackbone):
     """A transformers CLIP (``CLIPModel``) or SigLIP (``SiglipModel``), both towers exposed.
 
     Args:
@@ -189,9 +188,7 @@ class HFCLIP(Backbone):
         self.name, self.pretrained, self.checkpoint = name, bool(pretrained), checkpoint
         self.towers = list(towers)
         self.image_size, self.grad_checkpointing, self.init_seed = image_size, grad_checkpointing, init_seed
-        bad = [t for t in self.towers if t not in TOWERS] or ([] if self.towers else ["(empty)"])
-        if bad or len(set(self.towers)) != len(self.towers):
-            raise ConfigError(f"backbone.init_args.towers={towers!r}: choose distinct entries from {list(TOWERS)}")
+        self._check_towers(self.towers)
         self._image_cfg: dict[str, Any] = {}
         self.model = self._build()
         self.family = "clip" if type(self.model).__name__ == "CLIPModel" else "siglip"
@@ -210,7 +207,7 @@ class HFCLIP(Backbone):
         self.input_size = (size, size)
         self.context_length = int(self.model.config.text_config.max_position_embeddings)
         self.tokenizer, self.tokenizer_source = self._load_tokenizer()
-        self._index = [(t, j) for t in self.towers for j in range(len(self._tower_blocks(t)))]
+        self._index_towers()
 
     # --- loading -------------------------------------------------------------------
     def _family_from_name(self) -> str | None:
@@ -379,25 +376,6 @@ class HFCLIP(Backbone):
     # --- structure -----------------------------------------------------------------
     def _tower_prefix(self, tower: str) -> str:
         return "vision_model.encoder.layers" if tower == "visual" else "text_model.encoder.layers"
-
-    def _tower_blocks(self, tower: str) -> list[nn.Module]:
-        return list(self.model.get_submodule(self._tower_prefix(tower)))
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return [self._tower_blocks(t)[j] for t, j in self._index]
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self._index)
-
-    def tower(self, block: int) -> str:
-        """``visual`` or ``text``: the tower of block ``block``."""
-        return self._index[block][0]
-
-    def tower_block(self, block: int) -> int:
-        """Index of block ``block`` inside its tower."""
-        return self._index[block][1]
 
     def block_width(self, block: int) -> int:
         return int(self.blocks[block].layer_norm1.normalized_shape[0])

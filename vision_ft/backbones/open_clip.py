@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError, ConfigError
-from .base import Backbone, first_line, resolve_checkpoint
+from .base import Backbone, TwoTowerBackbone, first_line, resolve_checkpoint
 
 log = logging.getLogger("vision_ft")
 
@@ -47,7 +47,6 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-TOWERS = ("visual", "text")
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class AttentionWeight:
         return int(getattr(self.module, self.weight_name).shape[1])
 
 
-class OpenCLIP(Backbone):
+class OpenCLIP(TwoTowerBackbone):
     """An open_clip CLIP model (image + text towers).
 
     Args:
@@ -119,9 +118,7 @@ class OpenCLIP(Backbone):
         self.name, self.pretrained, self.checkpoint = name, pretrained, checkpoint
         self.towers = list(towers)
         self.image_size, self.grad_checkpointing, self.init_seed = image_size, grad_checkpointing, init_seed
-        bad = [t for t in self.towers if t not in TOWERS] or ([] if self.towers else ["(empty)"])
-        if bad or len(set(self.towers)) != len(self.towers):
-            raise ConfigError(f"backbone.init_args.towers={towers!r}: choose distinct entries from {list(TOWERS)}")
+        self._check_towers(self.towers)
         if name in TINY_PRESETS:
             cfg = copy.deepcopy(TINY_PRESETS[name])
         else:
@@ -146,7 +143,7 @@ class OpenCLIP(Backbone):
         self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
         self.context_length = int(self.model.context_length)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
-        self._index = [(t, j) for t in self.towers for j in range(len(self._tower_blocks(t)))]
+        self._index_towers()
 
     # --- loading -------------------------------------------------------------------
     def _random(self, open_clip) -> nn.Module:
@@ -200,25 +197,6 @@ class OpenCLIP(Backbone):
     # --- structure -----------------------------------------------------------------
     def _tower_prefix(self, tower: str) -> str:
         return "visual.transformer.resblocks" if tower == "visual" else "transformer.resblocks"
-
-    def _tower_blocks(self, tower: str) -> list[nn.Module]:
-        return list(self.model.get_submodule(self._tower_prefix(tower)))
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return [self._tower_blocks(t)[j] for t, j in self._index]
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self._index)
-
-    def tower(self, block: int) -> str:
-        """``visual`` or ``text``: the tower of block ``block``."""
-        return self._index[block][0]
-
-    def tower_block(self, block: int) -> int:
-        """Index of block ``block`` inside its tower."""
-        return self._index[block][1]
 
     def block_width(self, block: int) -> int:
         return int(self.blocks[block].ln_1.normalized_shape[0])
