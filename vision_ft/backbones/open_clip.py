@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BackboneError, ConfigError
+from ..errors import BackboneError
 from .base import Backbone, TwoTowerBackbone, first_line, resolve_checkpoint
 
 log = logging.getLogger("vision_ft")
