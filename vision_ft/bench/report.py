@@ -58,6 +58,21 @@ WHY: dict[tuple[str, str], str] = {
                            "backward (see the activations column).",
     ("clip_lora", "peft"): "the peft twin is one rank-r branch on the fused qkv without dropout; CLIP-LoRA runs "
                            "three branches per block (q, k, v), each with dropout p=0.25 and a zero-padded add.",
+    ("comp_lora", "time"): "Comp-LoRA is CLIP-LoRA's placement (three hooked rank-r branches into the fused qkv "
+                           "output, each with dropout p=0.25 and a zero-padded add, dropped inputs saved) plus the "
+                           "projection B - U_k (U_k^T B) of every site at every step; see clip_lora.",
+    ("comp_lora", "peft"): "the peft twin is one rank-r branch on the fused qkv without dropout; Comp-LoRA runs "
+                           "CLIP-LoRA's three dropout branches per block and projects each B.",
+    ("block_lora", "time"): "Block-LoRA is CLIP-LoRA's placement (three hooked branches into the fused qkv output, "
+                            "each with dropout p=0.25 and a zero-padded add) and each branch first sums the n input "
+                            "chunks (a reshape and reduction over every token); the dropped inputs are saved for "
+                            "backward (see the activations column).",
+    ("block_lora", "peft"): "the peft twin is one rank-r branch on the fused qkv without dropout; Block-LoRA runs "
+                            "three dropout branches per block, each with the chunk sum of its input.",
+    ("lora", "time"): "our lora is HF peft's own LoraModel, and measures the same as the peft twin (x peft twin "
+                      "column); in this run peft's LoRA r=8 on qkv itself measured 0.70x full fine-tuning, not "
+                      "the 0.65x the goal was set from, so the miss by 0.001 is the machine and the run's noise "
+                      "(spread column), not a cost the method adds.",
     ("lora", "peft"): "our lora is HF peft's own LoraModel injected in place, the same layers as the twin: the "
                       "gap is timing noise (compare the spread column).",
     ("pego", "peft"): _PEGO_WHY,
