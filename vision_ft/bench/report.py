@@ -343,8 +343,9 @@ def markdown(sections: dict[str, Any], page: Path) -> str:
            "command shown with it, on the machine described there.", ""]
     out += _notices(sections)
     out += ["## How to reproduce", "",
-            "The full benchmark (ViT-B/16 at 224 px, batch 8, 2 warm-up + 5 timed steps per method; estimated at "
-            "about an hour on 2 idle CPU cores — run it on an otherwise idle machine) and the transfer testbed "
+            "The full benchmark (ViT-B/16 at 224 px, batch 8, 2 warm-up + 5 timed steps per method; the wall time "
+            "of each section is stated with it below, about 35 minutes in all for 15 methods on 2 CPU cores — run "
+            "it on an otherwise idle machine) and the transfer testbed "
             "(a few minutes):", "", "```bash", FULL_COMMANDS, "```", "",
             "A quick smoke run on a tiny ViT (what the tests run): "
             "`python -m vision_ft bench all --quick --out runs/bench_quick`. "
