@@ -6,28 +6,13 @@ import json
 import pytest
 import torch
 
+from clip_helpers import NAMES, X, encode_both, perturb_trainable
 import vision_ft.methods.block_lora  # noqa: F401 - registers block_lora
 from vision_ft.backbones import TimmViT
 from vision_ft.backbones.open_clip import OpenCLIP
 from vision_ft.errors import ConfigError
 from vision_ft.methods.block_lora import BlockLoRA
 from vision_ft.tasks.clip_classification import CLIPClassificationTask
-
-NAMES = ["normal", "lesion", "fibrosis", "calcification"]
-X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def _perturb(model, scale=0.3):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g))
-
-
-def _encode(b):
-    tokens = b.tokenize(["a photo of a lesion.", "fibrosis"])
-    return b.encode_image(b.preprocess(X)), b.encode_text(tokens)
 
 
 def _sites(backbone):
@@ -73,14 +58,14 @@ def test_zero_at_init_and_step_zero_is_the_zero_shot_model():
     a = torch.cat([getattr(mod, f"block_lora_A_{t}").flatten() for mod, t in _sites(b)])
     assert a.numel() == 12 * 2 * 4 and 0.9 * 32 ** -0.5 < a.abs().max() <= 32 ** -0.5
     with torch.no_grad():
-        for ref, out in zip(_encode(base), _encode(b)):
+        for ref, out in zip(encode_both(base), encode_both(b)):
             assert torch.equal(ref, out)
 
 
 def test_column_blocks_are_identical_and_branch_is_b_as_sum_of_chunks():
     b = OpenCLIP("open_clip_test_tiny")
     BlockLoRA(n=4, targets=["q", "k", "v", "o"]).apply(b)
-    _perturb(b.model)
+    perturb_trainable(b.model)
     sites = _sites(b)
     assert len(sites) == 16
     x = torch.randn(3, 5, 32)
@@ -101,15 +86,15 @@ def test_column_blocks_are_identical_and_branch_is_b_as_sum_of_chunks():
 def test_branch_path_equals_the_dense_path_in_attention():
     b = OpenCLIP("open_clip_test_tiny")
     BlockLoRA(targets=["q", "k", "v", "o"], dropout=0.25).apply(b)
-    _perturb(b.model)
+    perturb_trainable(b.model)
     with torch.no_grad():
         b.eval()
-        dense = _encode(b)
+        dense = encode_both(b)
         for mod in b.model.modules():
             if hasattr(mod, "_clip_lora"):
                 mod._clip_lora_dropout = 1e-12  # own attention path through branch(), mask all ones
         b.train()
-        branched = _encode(b)
+        branched = encode_both(b)
     for x, y in zip(dense, branched):
         assert torch.allclose(x, y, atol=1e-5)
 
@@ -120,7 +105,7 @@ def test_merge_is_exact_and_leaves_a_plain_model():
     keys = set(OpenCLIP("open_clip_test_tiny").model.state_dict())
     mha = b.model.transformer.resblocks[1].attn
     w0 = mha.in_proj_weight.detach().clone()
-    _perturb(b.model)
+    perturb_trainable(b.model)
     task._cache.clear()
     expected = w0.clone()
     for t, rows in (("q", slice(0, 32)), ("v", slice(64, 96))):
@@ -145,7 +130,7 @@ def test_adapter_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
     from vision_ft.export import export_merged, load_adapter, save_adapter
 
     task = _task()
-    _perturb(task.backbone.model)
+    perturb_trainable(task.backbone.model)
     task._cache.clear()
     save_adapter(task, tmp_path / "run")
     loaded = load_adapter(tmp_path / "run")
@@ -173,7 +158,7 @@ def test_n_must_divide_the_input_width_and_n_one_is_clip_lora():
         BlockLoRA(n=0)
     b = OpenCLIP("open_clip_test_tiny")
     BlockLoRA(n=1).apply(b)
-    _perturb(b.model)
+    perturb_trainable(b.model)
     mod, t = _sites(b)[0]
     a, bb = getattr(mod, f"block_lora_A_{t}"), getattr(mod, f"block_lora_B_{t}")
     assert a.shape == (2, 32)

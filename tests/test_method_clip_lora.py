@@ -6,27 +6,12 @@ import json
 import pytest
 import torch
 
+from clip_helpers import NAMES, X, encode_both, perturb_trainable
 import vision_ft.methods.clip_lora  # noqa: F401 - registers clip_lora
 from vision_ft.backbones.open_clip import OpenCLIP
 from vision_ft.errors import ConfigError
 from vision_ft.methods.clip_lora import CLIPLoRA
 from vision_ft.tasks.clip_classification import CLIPClassificationTask
-
-NAMES = ["normal", "lesion", "fibrosis", "calcification"]
-X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def _perturb(model, scale=0.3):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g))
-
-
-def _encode(b):
-    tokens = b.tokenize(["a photo of a lesion.", "fibrosis"])
-    return b.encode_image(b.preprocess(X)), b.encode_text(tokens)
 
 
 def test_count_on_vit_b16_both_towers_is_184320():
@@ -45,7 +30,7 @@ def test_zero_init_is_the_base_model_on_both_towers():
     b = OpenCLIP("open_clip_test_tiny").eval()
     CLIPLoRA().apply(b)
     with torch.no_grad():
-        for ref, out in zip(_encode(base), _encode(b)):
+        for ref, out in zip(encode_both(base), encode_both(b)):
             assert torch.equal(ref, out)
 
 
@@ -55,15 +40,15 @@ def test_merge_adds_the_update_into_the_packed_rows_exactly_and_leaves_a_plain_m
     w0 = b.model.transformer.resblocks[1].attn.in_proj_weight.detach().clone()
     m = CLIPLoRA(targets=["q", "v"])
     m.apply(b)
-    _perturb(b.model)
+    perturb_trainable(b.model)
     mha = b.model.transformer.resblocks[1].attn
     expected = w0.clone()
     expected[0:32] += mha.clip_lora_B_q @ mha.clip_lora_A_q * m.scale
     expected[64:96] += mha.clip_lora_B_v @ mha.clip_lora_A_v * m.scale
     with torch.no_grad():
-        before = _encode(b)
+        before = encode_both(b)
         m.merge(b)
-        after = _encode(b)
+        after = encode_both(b)
     for x, y in zip(before, after):
         assert torch.allclose(x, y, atol=1e-5, rtol=0)
     assert torch.allclose(mha.in_proj_weight, expected, atol=1e-6)
@@ -76,19 +61,19 @@ def test_merge_adds_the_update_into_the_packed_rows_exactly_and_leaves_a_plain_m
 def test_dropout_path_computes_the_same_attention_as_the_native_one():
     b = OpenCLIP("open_clip_test_tiny")
     CLIPLoRA(targets=["q", "k", "v", "o"], dropout=0.25).apply(b)
-    _perturb(b.model)
+    perturb_trainable(b.model)
     with torch.no_grad():
         b.eval()
-        native = _encode(b)
+        native = encode_both(b)
         for mod in b.model.modules():
             if hasattr(mod, "_clip_lora"):
                 mod._clip_lora_dropout = 1e-12  # own attention path, dropout mask all ones
         b.train()
-        own = _encode(b)
+        own = encode_both(b)
         for mod in b.model.modules():
             if hasattr(mod, "_clip_lora"):
                 mod._clip_lora_dropout = 0.9
-        dropped = _encode(b)
+        dropped = encode_both(b)
     for x, y in zip(native, own):
         assert torch.allclose(x, y, atol=1e-5)
     assert not torch.allclose(native[0], dropped[0], atol=1e-3)  # dropout really acts in training
@@ -97,8 +82,8 @@ def test_dropout_path_computes_the_same_attention_as_the_native_one():
 def test_both_factors_get_gradients_through_the_packed_weight():
     b = OpenCLIP("open_clip_test_tiny")
     CLIPLoRA(dropout=0.0).apply(b)
-    _perturb(b.model)
-    img, txt = _encode(b)
+    perturb_trainable(b.model)
+    img, txt = encode_both(b)
     (img.sum() + txt.sum()).backward()
     grads = {n: p.grad for n, p in b.model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
@@ -126,7 +111,7 @@ def test_adapter_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
 
     task = CLIPClassificationTask(OpenCLIP("open_clip_test_tiny"), method="clip_lora", num_classes=4,
                                   class_names=NAMES, templates=["a photo of a {}.", "a {} image."]).eval()
-    _perturb(task.backbone.model)
+    perturb_trainable(task.backbone.model)
     task._cache.clear()
     save_adapter(task, tmp_path / "run")
     loaded = load_adapter(tmp_path / "run")

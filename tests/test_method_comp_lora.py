@@ -6,27 +6,12 @@ import json
 import pytest
 import torch
 
+from clip_helpers import NAMES, X, encode_both, perturb_trainable
 import vision_ft.methods.comp_lora  # noqa: F401 - registers comp_lora
 from vision_ft.backbones.open_clip import OpenCLIP
 from vision_ft.errors import ConfigError
 from vision_ft.methods.comp_lora import CompLoRA
 from vision_ft.tasks.clip_classification import CLIPClassificationTask
-
-NAMES = ["normal", "lesion", "fibrosis", "calcification"]
-X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def _perturb(model, scale=0.3):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g))
-
-
-def _encode(b):
-    tokens = b.tokenize(["a photo of a lesion.", "fibrosis"])
-    return b.encode_image(b.preprocess(X)), b.encode_text(tokens)
 
 
 def _sites(backbone):
@@ -63,7 +48,7 @@ def test_update_is_orthogonal_to_the_leading_singular_subspace_also_after_adamw(
     b = OpenCLIP("open_clip_test_tiny")
     m = CompLoRA(k=12, targets=["q", "k", "v", "o"], dropout=0.0)
     m.apply(b)
-    _perturb(b.model)  # random non-zero B and A
+    perturb_trainable(b.model)  # random non-zero B and A
     sites = _sites(b)
     assert len(sites) == 4 * 4
     for mod, t, w in sites:
@@ -76,7 +61,7 @@ def test_update_is_orthogonal_to_the_leading_singular_subspace_also_after_adamw(
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
     before = {id(mod): mod.comp_lora_B_q.detach().clone() for mod, t, _ in sites if t == "q"}
     for _ in range(3):
-        img, txt = _encode(b)
+        img, txt = encode_both(b)
         loss = (img ** 2).sum() + (txt ** 3).sum()
         opt.zero_grad()
         loss.backward()
@@ -102,7 +87,7 @@ def test_zero_init_is_the_zero_shot_model_on_both_towers():
     b = OpenCLIP("open_clip_test_tiny").eval()
     CompLoRA().apply(b)
     with torch.no_grad():
-        for ref, out in zip(_encode(base), _encode(b)):
+        for ref, out in zip(encode_both(base), encode_both(b)):
             assert torch.equal(ref, out)
 
 
@@ -113,7 +98,7 @@ def test_merge_is_exact_and_leaves_a_plain_model():
     assert any("comp_lora_U_" in k for k in b.model.state_dict())
     mha = b.model.visual.transformer.resblocks[1].attn
     w0 = mha.in_proj_weight.detach().clone()
-    _perturb(b.model)
+    perturb_trainable(b.model)
     task._cache.clear()
     m = task.method
     expected = w0.clone()
@@ -140,15 +125,15 @@ def test_branch_path_equals_the_dense_path():
     packed weight (delta): both give the same attention."""
     b = OpenCLIP("open_clip_test_tiny")
     CompLoRA(targets=["q", "k", "v", "o"], dropout=0.25).apply(b)
-    _perturb(b.model)
+    perturb_trainable(b.model)
     with torch.no_grad():
         b.eval()
-        dense = _encode(b)
+        dense = encode_both(b)
         for mod in b.model.modules():
             if hasattr(mod, "_clip_lora"):
                 mod._clip_lora_dropout = 1e-12  # own attention path through branch(), mask all ones
         b.train()
-        branched = _encode(b)
+        branched = encode_both(b)
     for x, y in zip(dense, branched):
         assert torch.allclose(x, y, atol=1e-5)
     mod, t, _ = _sites(b)[0]
@@ -163,7 +148,7 @@ def test_adapter_saves_the_basis_roundtrip_and_merged_export_load_in_open_clip(t
     from vision_ft.export import export_merged, load_adapter, save_adapter
 
     task = _task()
-    _perturb(task.backbone.model)
+    perturb_trainable(task.backbone.model)
     task._cache.clear()
     save_adapter(task, tmp_path / "run")
     tensors = load_file(tmp_path / "run" / "adapter.safetensors")
@@ -198,10 +183,10 @@ def test_k_zero_is_clip_lora_and_bad_k_is_a_config_error():
     torch.manual_seed(0)
     b = OpenCLIP("open_clip_test_tiny")
     CLIPLoRA().apply(b)
-    _perturb(a.model)
-    _perturb(b.model)
+    perturb_trainable(a.model)
+    perturb_trainable(b.model)
     with torch.no_grad():
-        for x, y in zip(_encode(a.eval()), _encode(b.eval())):
+        for x, y in zip(encode_both(a.eval()), encode_both(b.eval())):
             assert torch.allclose(x, y, atol=1e-6)
     with pytest.raises(ConfigError, match=r"init_args\.k=32"):
         CompLoRA(k=32).apply(OpenCLIP("open_clip_test_tiny"))  # width 32: nothing left to adapt

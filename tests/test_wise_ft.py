@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clip_helpers import NAMES, X, perturb_trainable
 from conftest import make_task
 import vision_ft.methods.clip_lora  # noqa: F401 - registers clip_lora
 from vision_ft.backbones.open_clip import OpenCLIP
@@ -12,9 +13,6 @@ from vision_ft.errors import AdapterError, ConfigError
 from vision_ft.export import export_merged, save_adapter
 from vision_ft.tasks.clip_classification import CLIPClassificationTask
 from vision_ft.wise_ft import interpolate_state
-
-NAMES = ["normal", "lesion", "fibrosis", "calcification"]
-X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def _state(seed):
@@ -47,20 +45,12 @@ def test_bad_alpha_and_mismatched_models_are_refused():
         interpolate_state(zero, tuned, 0.5)
 
 
-def _perturb(model, scale=0.3):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g))
-
-
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("wise")
     task = CLIPClassificationTask(OpenCLIP("open_clip_test_tiny"), method="clip_lora", num_classes=4,
                                   class_names=NAMES).eval()
-    _perturb(task.backbone.model)
+    perturb_trainable(task.backbone.model)
     task._cache.clear()
     with torch.no_grad():
         tuned_logits = task(X)
