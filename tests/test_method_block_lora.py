@@ -1,12 +1,11 @@
 """Block-LoRA: count r(d_out + d_in/n), Delta W = 0 at init, identical column blocks, branch = B A_s sum_j x_j,
 exact merge, native export, n must divide d_in."""
 
-import json
 
 import pytest
 import torch
 
-from clip_helpers import NAMES, X, encode_both, perturb_trainable
+from clip_helpers import NAMES, X, encode_both, open_clip_export_logits, perturb_trainable
 import vision_ft.methods.block_lora  # noqa: F401 - registers block_lora
 from vision_ft.backbones import TimmViT
 from vision_ft.backbones.open_clip import OpenCLIP
@@ -125,8 +124,6 @@ def test_merge_is_exact_and_leaves_a_plain_model():
 
 
 def test_adapter_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
-    import open_clip
-
     from vision_ft.export import export_merged, load_adapter, save_adapter
 
     task = _task()
@@ -139,14 +136,7 @@ def test_adapter_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
         expected = task(X)
         assert torch.equal(expected, loaded(X))
     out = export_merged(tmp_path / "run", tmp_path / "out")
-    native = open_clip.create_model(f"local-dir:{out}").eval()
-    cfg = json.loads((out / "open_clip_config.json").read_text())
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
-    with torch.no_grad():
-        text = native.encode_text(tokenizer([t.format(n) for n in cfg["class_names"] for t in cfg["templates"]]),
-                                  normalize=True).view(4, 2, -1).mean(1)
-        text = torch.nn.functional.normalize(text, dim=-1)
-        logits = native.logit_scale.exp() * native.encode_image(task.backbone.preprocess(X), normalize=True) @ text.T
+    logits, text, native = open_clip_export_logits(out, task.backbone.preprocess(X))  # open_clip alone
     assert torch.allclose(logits, expected, atol=1e-4)
     assert not any("block_lora" in k for k in native.state_dict())
 

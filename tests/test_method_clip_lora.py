@@ -1,12 +1,11 @@
 """CLIP-LoRA: placement and count, step-0 = zero-shot, exact merge, dropout path, native export."""
 
 import copy
-import json
 
 import pytest
 import torch
 
-from clip_helpers import NAMES, X, encode_both, perturb_trainable
+from clip_helpers import NAMES, X, encode_both, open_clip_export_logits, perturb_trainable
 import vision_ft.methods.clip_lora  # noqa: F401 - registers clip_lora
 from vision_ft.backbones.open_clip import OpenCLIP
 from vision_ft.errors import ConfigError
@@ -105,8 +104,6 @@ def test_encoders_and_blocks_select_the_sites():
 
 
 def test_adapter_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
-    import open_clip
-
     from vision_ft.export import export_merged, load_adapter, save_adapter
 
     task = CLIPClassificationTask(OpenCLIP("open_clip_test_tiny"), method="clip_lora", num_classes=4,
@@ -119,14 +116,7 @@ def test_adapter_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
         expected = task(X)
         assert torch.equal(expected, loaded(X))
     out = export_merged(tmp_path / "run", tmp_path / "out")
-    native = open_clip.create_model(f"local-dir:{out}").eval()
-    cfg = json.loads((out / "open_clip_config.json").read_text())
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
-    with torch.no_grad():  # the zero-shot head rebuilt with open_clip alone
-        text = native.encode_text(tokenizer([t.format(n) for n in cfg["class_names"] for t in cfg["templates"]]),
-                                  normalize=True).view(4, 2, -1).mean(1)
-        text = torch.nn.functional.normalize(text, dim=-1)
-        logits = native.logit_scale.exp() * native.encode_image(task.backbone.preprocess(X), normalize=True) @ text.T
+    logits, text, native = open_clip_export_logits(out, task.backbone.preprocess(X))  # open_clip alone
     assert torch.allclose(logits, expected, atol=1e-4)
     from safetensors.torch import load_file
 

@@ -1,12 +1,11 @@
 """Comp-LoRA: count, Delta W orthogonal to the leading left-singular subspace (also after AdamW),
 step-0 = zero-shot, exact merge, branch = dense path, saved basis, native export, config errors."""
 
-import json
 
 import pytest
 import torch
 
-from clip_helpers import NAMES, X, encode_both, perturb_trainable
+from clip_helpers import NAMES, X, encode_both, open_clip_export_logits, perturb_trainable
 import vision_ft.methods.comp_lora  # noqa: F401 - registers comp_lora
 from vision_ft.backbones.open_clip import OpenCLIP
 from vision_ft.errors import ConfigError
@@ -142,7 +141,6 @@ def test_branch_path_equals_the_dense_path():
 
 
 def test_adapter_saves_the_basis_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
-    import open_clip
     from safetensors.torch import load_file
 
     from vision_ft.export import export_merged, load_adapter, save_adapter
@@ -162,14 +160,7 @@ def test_adapter_saves_the_basis_roundtrip_and_merged_export_load_in_open_clip(t
         expected = task(X)
         assert torch.equal(expected, loaded(X))
     out = export_merged(tmp_path / "run", tmp_path / "out")
-    native = open_clip.create_model(f"local-dir:{out}").eval()
-    cfg = json.loads((out / "open_clip_config.json").read_text())
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
-    with torch.no_grad():  # the zero-shot head rebuilt with open_clip alone
-        text = native.encode_text(tokenizer([t.format(n) for n in cfg["class_names"] for t in cfg["templates"]]),
-                                  normalize=True).view(4, 2, -1).mean(1)
-        text = torch.nn.functional.normalize(text, dim=-1)
-        logits = native.logit_scale.exp() * native.encode_image(task.backbone.preprocess(X), normalize=True) @ text.T
+    logits, text, native = open_clip_export_logits(out, task.backbone.preprocess(X))  # open_clip alone
     assert torch.allclose(logits, expected, atol=1e-4)
     assert not any("comp_lora" in k for k in native.state_dict())
 
