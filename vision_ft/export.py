@@ -11,62 +11,18 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import AdapterError
+from .io import atomic_save_safetensors, atomic_write_text  # noqa: F401  (re-exported for tasks/, bench/)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
 FORMAT_VERSION = 1
-
-
-# --- atomic writes ---------------------------------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, e) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_error(path: Path, e: OSError) -> "WriteError":
-    from .errors import WriteError
-
-    return WriteError(e.errno, f"could not write {path}: {e.strerror or e}; the previous {path.name} "
-                               "(if any) is unchanged and no partial file was left")
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
-                            metadata: dict[str, str] | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, e) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --- save / load -----------------------------------------------------------------------

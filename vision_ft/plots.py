@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .io import atomic_save_png  # noqa: E402
+
 
 def plot_curves(history: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "") -> Path:
     """One panel for losses, one for the other metrics; x is the epoch (fractional for steps)."""
@@ -69,10 +71,7 @@ def plot_per_label(values: Sequence[float], labels: Sequence[str], path: str | P
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_save_png(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from vision_ft.io import atomic_dir
 
 #: COCO categories of the sample: ids 3 and 7 on purpose (non-contiguous).
 CATEGORIES = [
@@ -160,24 +159,12 @@ def write_detection_sample(out_dir: str | Path, n_train: int = 128, n_val: int =
     out_dir = Path(out_dir)
     if (out_dir / "annotations" / "instances_val.json").is_file():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    # a finished out_dir (another process was first) is kept; a non-empty unfinished one is an error
+    with atomic_dir(out_dir, complete=lambda d: (d / "annotations" / "instances_val.json").is_file()) as tmp:
         for split, n in (("train", n_train), ("val", n_val)):
             dataset = write_split(tmp, split, n, size, seed)
             (tmp / "annotations").mkdir(exist_ok=True)
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset, indent=1) + "\n")
-        for path in tmp.rglob("*"):
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, out_dir)  # atomic when out_dir does not exist yet
-        except OSError:  # another process finished first (out_dir exists and is not empty)
-            if not (out_dir / "annotations" / "instances_val.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

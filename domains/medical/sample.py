@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from vision_ft.io import atomic_write_bytes
 
 CLASS_NAMES = ["normal", "lesion", "fibrosis", "calcification"]
 
@@ -91,18 +91,7 @@ def write_sample(path: str | Path, n_train: int = 800, n_val: int = 200, n_test:
     for i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         images, labels = make_split(n, size, np.random.default_rng([seed, i]))
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
-    data = _npz_bytes(arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the sample is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, _npz_bytes(arrays))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import importlib
 import io
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -234,19 +232,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_batch(path: str | Path, images: np.ndarray, codes: Sequence[int], filenames: Sequence[str],
                 batch_label: str) -> Path:
     """Write one batch exactly as the MiraBest builder does: a pickled dict holding a list of
@@ -258,15 +243,15 @@ def write_batch(path: str | Path, images: np.ndarray, codes: Sequence[int], file
         raise ValueError("images, codes and filenames differ in length")
     entry = {"batch_label": str(batch_label), "labels": [int(c) for c in codes],
              "data": [np.ascontiguousarray(im) for im in images], "filenames": [str(f) for f in filenames]}
-    path = Path(path)
-    _atomic_write(path, pickle.dumps(entry, protocol=4))
-    return path
+    from vision_ft.io import atomic_write_bytes  # writing uses the kit; reading needs numpy only
+
+    return atomic_write_bytes(path, pickle.dumps(entry, protocol=4))
 
 
 def write_meta(folder: str | Path, num_cases_per_batch: int, image_size: int = IMAGE_SIZE) -> Path:
     """Write ``batches.meta`` with MiraBest's ten label names."""
     meta = {"num_cases_per_batch": int(num_cases_per_batch), "label_names": list(LABEL_NAMES),
             "num_vis": int(image_size * image_size)}
-    path = Path(folder) / META_FILE
-    _atomic_write(path, pickle.dumps(meta, protocol=4))
-    return path
+    from vision_ft.io import atomic_write_bytes
+
+    return atomic_write_bytes(Path(folder) / META_FILE, pickle.dumps(meta, protocol=4))

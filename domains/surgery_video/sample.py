@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from vision_ft.io import atomic_dir
 
 from .formats import write_cholec80_phases
 from .phases import CHOLEC80_PHASES
@@ -177,14 +176,12 @@ def write_sample(root: str | Path, n_videos: int = 10, min_seconds: int = 40, ma
     root = Path(root)
     params = {"version": VERSION, "n_videos": n_videos, "min_seconds": min_seconds, "max_seconds": max_seconds,
               "size": size, "seed": seed, "synthetic": True}
-    marker = root / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    if _is_complete(root, params):
         return root
     if min_seconds < _MIN_PHASE * len(CLASS_NAMES) or max_seconds < min_seconds:
         raise ValueError(f"need {_MIN_PHASE * len(CLASS_NAMES)} <= min_seconds <= max_seconds")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
+    # a sample with these params written meanwhile by another process is kept; an incomplete or older one replaced
+    with atomic_dir(root, complete=lambda d: _is_complete(d, params), replace_incomplete=True) as tmp:
         for v in range(1, n_videos + 1):
             rng = np.random.default_rng([seed, v])
             lengths = phase_lengths(rng, int(rng.integers(min_seconds, max_seconds + 1)))
@@ -197,17 +194,12 @@ def write_sample(root: str | Path, n_videos: int = 10, min_seconds: int = 40, ma
             write_cholec80_phases(tmp / "phase_annotations" / f"{vid}-phase.txt",
                                   [name for name in per_second for _ in range(ANNOTATION_FPS)])
         (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n")
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; the sample is meant to be shared
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if root.exists():  # a concurrent writer finished first, or an incomplete/older sample
-            if marker.is_file() and json.loads(marker.read_text()) == params:
-                return root
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _is_complete(root: Path, params: dict) -> bool:
+    marker = root / MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == params
 
 
 def main(argv: list[str] | None = None) -> None:

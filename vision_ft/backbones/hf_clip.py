@@ -568,7 +568,7 @@ class HFCLIP(TwoTowerBackbone):
         ``SiglipModel.from_pretrained(OUT)``, ``AutoTokenizer`` / ``AutoImageProcessor`` likewise);
         ``extra`` and the source go to ``vision_ft_native.json``. Files are written into a temporary
         folder beside ``out_dir`` and moved in, so a failed write leaves no half-written model."""
-        from ..export import atomic_write_text
+        from ..io import atomic_write_text, publish_files
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -580,8 +580,7 @@ class HFCLIP(TwoTowerBackbone):
             else:
                 log.warning("[vision_ft] %s: no tokenizer to save (%s)", self.name, self.tokenizer_source)
             self.image_processor().save_pretrained(str(tmp))
-            for f in tmp.iterdir():
-                os.replace(f, out_dir / f.name)
+            publish_files(tmp, out_dir)  # one os.replace per file; safetensors' 0o600 made 0o644 (umask 022)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         doc = {"source_name": self.name, "family": self.family, "tokenizer": self.tokenizer_source,

@@ -352,7 +352,7 @@ class OpenCLIP(TwoTowerBackbone):
 
     def save_native(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write the model as open_clip's local-dir layout (load: ``open_clip.create_model("local-dir:OUT")``)."""
-        from ..export import atomic_save_safetensors, atomic_write_text
+        from ..io import atomic_save_safetensors, atomic_write_text
 
         out_dir = Path(out_dir)
         state = {k: v for k, v in self.model.state_dict().items()}

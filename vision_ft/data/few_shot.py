@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..io import atomic_write_text
 
 log = logging.getLogger("vision_ft")
 
@@ -101,12 +100,7 @@ class FewShotSplit:
                             "sha1": hash_fn(p)})
         doc = {"format": FORMAT, "shots": self.shots, "seed": self.seed, "dataset": self.dataset,
                "samples": samples}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)  # atomic: other ranks/processes never see half a file
+        atomic_write_text(path, json.dumps(doc, indent=1))  # other ranks/processes never see half a file
 
     def _read(self, path: Path, keys: Sequence, hash_fn: Callable[[int], str]) -> list[int]:
         fix = f"Delete {path} to draw a new split, or set data.init_args.split_dir to another folder."

@@ -28,8 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -40,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import ConfigError, DataError
+from ..io import atomic_dir
 from .base import ClassificationData, loader_generator
 from .samples import FileSamples, ImageDataset
 
@@ -239,19 +238,9 @@ def _read_class_names(path: str, current: list[str]) -> list[str]:
 def _ensure_sample(sample_dir: Path) -> dict[str, str]:
     target = sample_dir / SAMPLE_NAME
     if not target.is_dir():
-        sample_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=sample_dir, prefix=f".{SAMPLE_NAME}."))
-        try:
+        # built beside and renamed into place: concurrent writers (DDP ranks) never see half a sample
+        with atomic_dir(target, complete=Path.is_dir) as tmp:
             write_ood_sample(tmp)
-            os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the sample is meant to be shared
-            try:
-                tmp.rename(target)  # atomic: concurrent writers (DDP ranks) never see half a sample
-            except OSError:
-                if not target.is_dir():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return {name: str(target / name) for name in SAMPLE_SETS}
 
 

@@ -43,7 +43,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from ..export import atomic_write_text
+from ..io import atomic_write_text
 from .base import SplitLoaders
 from .samples import pil_to_array, to_tensor
 

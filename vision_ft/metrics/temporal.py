@@ -53,6 +53,8 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from ..io import atomic_save_png
+
 RelaxedRule = Literal["general", "cholec80"]
 METRICS = ("precision", "recall", "jaccard", "f1")
 
@@ -230,10 +232,7 @@ def plot_phase_ribbon(target: Sequence[int] | np.ndarray, pred: Sequence[int] | 
     handles = [Patch(color=colours[i], label=class_names[i] if i < k else "unlabelled") for i in present]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=4, fontsize=7, frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_save_png(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
