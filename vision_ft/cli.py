@@ -21,7 +21,7 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
-from .errors import VisionFTError
+from .errors import VisionFTError, first_line
 
 log = logging.getLogger("vision_ft")
 
@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user errors surface wrapped by jsonargparse during instantiation
         user_error = _find_user_error(e)
         if user_error is None and _is_refused_pickle(e):
+            cause = first_line(e, root_cause=True, lines=1)
             user_error = "refused to load a checkpoint that holds Python objects beyond tensors and plain " \
-                         f"containers (torch.load weights_only=True): {_first_line(e)}. vision_ft never " \
+                         f"containers (torch.load weights_only=True): {cause}. vision_ft never " \
                          "unpickles arbitrary code; use a checkpoint written by vision_ft, or an adapter (safetensors)"
         if user_error is None:
             raise
@@ -261,12 +262,6 @@ def _is_refused_pickle(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def _first_line(e: BaseException) -> str:
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__
-    return str(e).strip().splitlines()[0][:300]
 
 
 def _find_user_error(e: BaseException | None) -> VisionFTError | None:

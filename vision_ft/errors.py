@@ -34,3 +34,17 @@ class TrainingError(VisionFTError, RuntimeError):
 
 class WriteError(VisionFTError, OSError):
     """An output file could not be written (disk full, permissions); what was there is unchanged."""
+
+
+def first_line(e: BaseException, *, root_cause: bool = False, lines: int = 2) -> str:
+    """The first ``lines`` lines of an exception's message (at most 300 characters), for one-line errors.
+
+    ``root_cause`` first follows ``__cause__`` / ``__context__`` to the innermost exception (the one a
+    wrapper such as jsonargparse's hides). An empty message gives the exception's type name.
+    """
+    seen = set()
+    while root_cause and (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    text = str(e).strip().splitlines()
+    return " ".join(text[:lines])[:300] if text else type(e).__name__

@@ -176,7 +176,4 @@ def resolve_checkpoint(checkpoint: str, names: tuple[str, ...]) -> Path:
     return path
 
 
-def first_line(e: BaseException) -> str:
-    """The first line or two of an exception message, for one-line errors."""
-    text = str(e).strip().splitlines()
-    return " ".join(text[:2])[:300] if text else type(e).__name__
+from ..errors import first_line  # noqa: F401  (re-exported for the backbone modules)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BackboneError, ConfigError
+from ..errors import BackboneError, ConfigError, first_line
 from .base import Backbone
 
 log = logging.getLogger("vision_ft")
@@ -246,9 +246,9 @@ class DFineDetector(Backbone):
         except Exception as e:  # hub unreachable, cache empty, not a detector folder
             if self.checkpoint:
                 raise BackboneError(f"backbone.init_args.checkpoint={self.checkpoint!r} cannot be loaded as a "
-                                    f"transformers detector ({type(e).__name__}: {_first_line(e)})") from None
+                                    f"transformers detector ({type(e).__name__}: {first_line(e)})") from None
             raise BackboneError(
-                f"pretrained weights for {self.name!r} are not reachable ({type(e).__name__}: {_first_line(e)}). "
+                f"pretrained weights for {self.name!r} are not reachable ({type(e).__name__}: {first_line(e)}). "
                 "Offline, set backbone.init_args.checkpoint=/path/to/dir (a folder written by save_pretrained, "
                 "e.g. a copy of the hub repo) or backbone.init_args.pretrained=false") from None
         self.weights_source = (f"{description}; class heads re-initialised for {self.num_labels} classes "
@@ -262,7 +262,7 @@ class DFineDetector(Backbone):
             config = AutoConfig.from_pretrained(self.name, **self._label_kwargs(), **self.config_overrides)
         except Exception as e:
             raise BackboneError(
-                f"the architecture config of {self.name!r} is not reachable ({type(e).__name__}: {_first_line(e)}). "
+                f"the architecture config of {self.name!r} is not reachable ({type(e).__name__}: {first_line(e)}). "
                 f"Use a tiny preset {sorted(TINY_PRESETS)} offline, or set backbone.init_args.checkpoint=/path/to/dir"
             ) from None
         self.weights_source = (f"random init (seed {self.init_seed}) of the {self.name} architecture: no pretrained "
@@ -476,8 +476,3 @@ def _checkpoint_dir(checkpoint: str) -> Path:
         raise BackboneError(f"backbone.init_args.checkpoint={checkpoint!r} must be a folder written by "
                             "save_pretrained (config.json + model.safetensors)")
     return path
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return " ".join(text[:2])[:300] if text else type(e).__name__
