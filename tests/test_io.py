@@ -211,3 +211,29 @@ def test_adapter_files_are_not_private(tmp_path, umask_022):
     save_adapter(make_task("ssf"), tmp_path / "run")
     for name in (ADAPTER_WEIGHTS, ADAPTER_META):
         assert _mode(tmp_path / "run" / name) == 0o644, name
+
+
+def test_importing_the_package_io_and_errors_stays_light():
+    """``import vision_ft`` and its stdlib-only modules must not pull torch & co. (a subprocess:
+    this test session has them all loaded already)."""
+    import subprocess
+    import sys
+
+    heavy = ["torch", "lightning", "timm", "transformers", "open_clip", "numpy", "PIL", "safetensors"]
+    code = ("import sys, json; import vision_ft, vision_ft.io, vision_ft.errors; "
+            f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_load_adapter_is_still_a_package_attribute():
+    import vision_ft
+    from vision_ft import load_adapter
+    from vision_ft.export import load_adapter as from_export
+
+    assert load_adapter is from_export and vision_ft.load_adapter is from_export
+    assert "load_adapter" in vision_ft.__all__
+    with pytest.raises(AttributeError):
+        vision_ft.no_such_name  # noqa: B018
