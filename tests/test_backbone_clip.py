@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vision_ft.backbones.open_clip import AttentionWeight, OpenCLIP
+from vision_ft.backbones.open_clip import OpenCLIP
+from vision_ft.methods import sites
 from vision_ft.errors import BackboneError, ConfigError
 
 X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -20,15 +21,15 @@ def test_blocks_are_visual_then_text_and_roles_resolve(tiny):
     assert [tiny.tower_block(i) for i in range(4)] == [0, 1, 0, 1]
     assert tiny.blocks[2] is tiny.model.transformer.resblocks[0]
     assert tiny.module_name(3, "fc1") == "transformer.resblocks.1.mlp.c_fc"
-    assert isinstance(tiny.linear(0, "fc2"), torch.nn.Linear)
+    assert isinstance(sites.at(tiny, 0, "fc2").host, torch.nn.Linear) and sites.at(tiny, 0, "fc2").reader is None
     mha = tiny.model.visual.transformer.resblocks[1].attn
     for i, role in enumerate("qkv"):
-        site = tiny.linear(1, role)
-        assert isinstance(site, AttentionWeight) and site.module is mha
+        site = sites.at(tiny, 1, role)
+        assert site.host is mha and site.reader is mha and site.key == role
         assert torch.equal(site.weight, mha.in_proj_weight[32 * i:32 * (i + 1)])
         assert site.weight.data_ptr() == mha.in_proj_weight[32 * i].data_ptr()  # a view, not a copy
-    proj = tiny.linear(1, "proj")
-    assert proj.module is mha.out_proj and proj.out_features == 32
+    proj = sites.at(tiny, 1, "proj")
+    assert proj.host is mha.out_proj and proj.reader is mha and proj.out_features == 32
 
 
 def test_towers_argument_restricts_the_blocks_methods_see():

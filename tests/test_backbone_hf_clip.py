@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+
+from vision_ft.methods import sites
 import torch.nn.functional as F
 
 import vision_ft.methods.clip_lora  # noqa: F401 - registers clip_lora
@@ -47,7 +49,7 @@ def _perturb_lora_b(model, scale=0.5):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if ".clip_lora_B_" in n:
+            if ".clip_lora_B" in n:
                 p.add_(scale * torch.randn(p.shape, generator=g))
 
 
@@ -61,10 +63,11 @@ def test_blocks_are_visual_then_text_and_roles_are_the_separate_linears(tiny):
     layer = b.model.vision_model.encoder.layers[1]
     for role, module in (("q", layer.self_attn.q_proj), ("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj),
                          ("proj", layer.self_attn.out_proj), ("fc1", layer.mlp.fc1), ("fc2", layer.mlp.fc2)):
-        assert b.linear(1, role) is module and isinstance(module, torch.nn.Linear)
+        site = sites.at(b, 1, role)
+        assert site.host is module and site.reader is None and site.key == "" and isinstance(module, torch.nn.Linear)
     assert b.module_name(3, "fc1") == "text_model.encoder.layers.1.mlp.fc1"
     with pytest.raises(ConfigError, match="no packed qkv.*q, k, v"):
-        b.linear(0, "qkv")
+        sites.at(b, 0, "qkv")
     with pytest.raises(KeyError):
         b.module_name(0, "qkvo")
     assert b.norms(2)["norm2"] is b.model.text_model.encoder.layers[0].layer_norm2 and b.block_width(2) == 32
@@ -315,7 +318,7 @@ def test_clip_lora_is_zero_at_init_and_its_merge_reloads_in_transformers_with_th
         adapted = _logits(b, X, PROMPTS)
         assert not torch.allclose(adapted, _logits(base, X, PROMPTS), atol=1e-3)
         method.merge(b)
-    assert set(b.model.state_dict()) == keys and not any(hasattr(m, "_clip_lora") for m in b.model.modules())
+    assert set(b.model.state_dict()) == keys and not sites.owned(b.model, "clip_lora_")
     out = b.save_native(tmp_path / "merged")
     from transformers import AutoTokenizer
 
@@ -383,7 +386,7 @@ def test_clip_task_runs_a_fit_step_and_the_lora_factors_move(name, tmp_path):
     trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, accelerator="cpu", default_root_dir=tmp_path)
     trainer.fit(task, train_dataloaders=loader, val_dataloaders=loader)
-    lora_b = [p for n, p in task.backbone.model.named_parameters() if ".clip_lora_B_" in n]
+    lora_b = [p for n, p in task.backbone.model.named_parameters() if ".clip_lora_B" in n]
     assert lora_b and all(torch.isfinite(p).all() for p in lora_b)
     assert any(p.abs().sum() > 0 for p in lora_b)  # one optimiser step moved the zero-initialised factors
     with torch.no_grad():

@@ -3,7 +3,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vision_ft.backbones import PackedSlice, TimmViT
+from vision_ft.backbones import TimmViT
+from vision_ft.methods import sites
 from vision_ft.backbones.timm_vit import TINY_PRESETS
 from vision_ft.errors import BackboneError
 
@@ -62,10 +63,11 @@ def test_random_init_is_reproducible_and_seeded():
 
 def test_roles_expose_fused_qkv_as_slices():
     bb = TimmViT("vit_test_tiny")
-    qkv = bb.linear(0, "qkv")
-    q, v = bb.linear(0, "q"), bb.linear(0, "v")
-    assert isinstance(q, PackedSlice) and q.linear is qkv
-    assert (q.start, q.stop, v.start, v.stop) == (0, 32, 64, 96)
+    qkv = sites.at(bb, 0, "qkv")
+    q, v = sites.at(bb, 0, "q"), sites.at(bb, 0, "v")
+    assert q.host is qkv.host is bb.model.blocks[0].attn.qkv and (qkv.key, q.key) == ("", "q")
+    assert (q.start, q.stop, v.start, v.stop) == (0, 32, 64, 96) and q.name == "blocks.0.attn.qkv[q]"
+    assert q.weight.data_ptr() == qkv.host.weight.data_ptr()  # a view, not a copy
     assert bb.module_name(1, "fc1") == "blocks.1.mlp.fc1"
     assert bb.num_blocks == 2 and bb.embed_dim == 32
     with pytest.raises(KeyError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from vision_ft.methods import sites
 from torch import nn
 from transformers.loss import loss_d_fine
 from transformers.models.d_fine import modeling_d_fine
@@ -124,11 +126,11 @@ def test_blocks_and_roles_point_at_the_attention_and_ffn_linears():
     assert det.module_name(1, "proj") == "model.decoder.layers.0.self_attn.o_proj"
     assert det.module_name(2, "fc2") == "model.decoder.layers.1.mlp.layers.1"
     for i in range(det.num_blocks):
-        assert det.linear(i, "fc1").out_features == det.linear(i, "fc2").in_features
+        assert sites.at(det, i, "fc1").out_features == sites.at(det, i, "fc2").in_features
         assert isinstance(det.norms(i)["norm1"], nn.LayerNorm)
     assert isinstance(det.stem(), nn.Conv2d)
     with pytest.raises(BackboneError, match="no fused qkv"):
-        det.linear(0, "qkv")
+        sites.at(det, 0, "qkv")
     rt = DFineDetector("rtdetr_test_tiny", num_labels=2)
     assert rt.module_name(rt.num_blocks - 1, "fc1") == "model.decoder.layers.1.mlp.fc1"
 

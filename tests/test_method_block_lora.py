@@ -10,12 +10,13 @@ import vision_ft.methods.block_lora  # noqa: F401 - registers block_lora
 from vision_ft.backbones import TimmViT
 from vision_ft.backbones.open_clip import OpenCLIP
 from vision_ft.errors import ConfigError
+from vision_ft.methods import sites
 from vision_ft.methods.block_lora import BlockLoRA
 from vision_ft.tasks.clip_classification import CLIPClassificationTask
 
 
 def _sites(backbone):
-    return [(mod, t) for mod in backbone.model.modules() for t in getattr(mod, "_clip_lora", {})]
+    return sites.owned(backbone.model, "block_lora_")
 
 
 def _task(**kw):
@@ -50,11 +51,12 @@ def test_zero_at_init_and_step_zero_is_the_zero_shot_model():
     base.requires_grad_(False)
     b = OpenCLIP("open_clip_test_tiny").eval()
     torch.manual_seed(0)
-    BlockLoRA().apply(b)
-    for mod, t in _sites(b):
-        assert torch.equal(BlockLoRA.delta(mod, t), torch.zeros(32, 32))
+    m = BlockLoRA()
+    m.apply(b)
+    for site in _sites(b):
+        assert torch.equal(m.site_delta(site), torch.zeros(32, 32))
     # only B is zero; A_s ~ U(+-1/sqrt(d_in)): CLIP-LoRA's Kaiming bound for the dense r x d_in A, not A_s's own
-    a = torch.cat([getattr(mod, f"block_lora_A_{t}").flatten() for mod, t in _sites(b)])
+    a = torch.cat([site.get("block_lora_", "A").flatten() for site in _sites(b)])
     assert a.numel() == 12 * 2 * 4 and 0.9 * 32 ** -0.5 < a.abs().max() <= 32 ** -0.5
     with torch.no_grad():
         for ref, out in zip(encode_both(base), encode_both(b)):
@@ -63,35 +65,35 @@ def test_zero_at_init_and_step_zero_is_the_zero_shot_model():
 
 def test_column_blocks_are_identical_and_branch_is_b_as_sum_of_chunks():
     b = OpenCLIP("open_clip_test_tiny")
-    BlockLoRA(n=4, targets=["q", "k", "v", "o"]).apply(b)
+    m = BlockLoRA(n=4, targets=["q", "k", "v", "o"])
+    m.apply(b)
     perturb_trainable(b.model)
-    sites = _sites(b)
-    assert len(sites) == 16
+    adapted = _sites(b)
+    assert len(adapted) == 16
     x = torch.randn(3, 5, 32)
-    for mod, t in sites:
-        a, bb = getattr(mod, f"block_lora_A_{t}"), getattr(mod, f"block_lora_B_{t}")
+    for site in adapted:
+        a, bb = site.get("block_lora_", "A"), site.get("block_lora_", "B")
         assert a.shape == (2, 8) and bb.shape == (32, 2)
-        delta = BlockLoRA.delta(mod, t)
+        delta = m.site_delta(site)
         blocks = delta.split(8, dim=1)
         assert len(blocks) == 4 and all(torch.equal(blocks[0], blk) for blk in blocks[1:])
         assert blocks[0].abs().max() > 1e-3
-        assert torch.allclose(blocks[0], bb @ a * mod._clip_lora_scale, atol=0, rtol=0)
+        assert torch.allclose(blocks[0], bb @ a * m.scale, atol=0, rtol=0)
         chunks_sum = x[..., 0:8] + x[..., 8:16] + x[..., 16:24] + x[..., 24:32]
-        out = BlockLoRA.branch(mod, t, x)
-        assert torch.allclose(out, chunks_sum @ a.T @ bb.T * mod._clip_lora_scale, atol=1e-6)
+        out = m.site_branch(site, x)
+        assert torch.allclose(out, chunks_sum @ a.T @ bb.T * m.scale, atol=1e-6)
         assert torch.allclose(out, x @ delta.T, atol=1e-5)
 
 
 def test_branch_path_equals_the_dense_path_in_attention():
     b = OpenCLIP("open_clip_test_tiny")
-    BlockLoRA(targets=["q", "k", "v", "o"], dropout=0.25).apply(b)
+    METHOD = BlockLoRA(targets=["q", "k", "v", "o"], dropout=0.25)
+    METHOD.apply(b)
     perturb_trainable(b.model)
     with torch.no_grad():
         b.eval()
         dense = encode_both(b)
-        for mod in b.model.modules():
-            if hasattr(mod, "_clip_lora"):
-                mod._clip_lora_dropout = 1e-12  # own attention path through branch(), mask all ones
+        METHOD.dropout = 1e-12  # own attention path when > 0 in training
         b.train()
         branched = encode_both(b)
     for x, y in zip(dense, branched):
@@ -120,7 +122,7 @@ def test_merge_is_exact_and_leaves_a_plain_model():
     assert torch.equal(mha.in_proj_weight[32:64], w0[32:64])  # k untouched
     assert set(b.model.state_dict()) == keys
     assert type(mha) is torch.nn.MultiheadAttention and "forward" not in mha.__dict__
-    assert not any(hasattr(mod, "_clip_lora") for mod in b.model.modules())
+    assert not sites.owned(b.model, "block_lora_")
 
 
 def test_adapter_roundtrip_and_merged_export_load_in_open_clip(tmp_path):
@@ -147,9 +149,10 @@ def test_n_must_divide_the_input_width_and_n_one_is_clip_lora():
     with pytest.raises(ConfigError, match=r"init_args\.n must be"):
         BlockLoRA(n=0)
     b = OpenCLIP("open_clip_test_tiny")
-    BlockLoRA(n=1).apply(b)
+    m = BlockLoRA(n=1)
+    m.apply(b)
     perturb_trainable(b.model)
-    mod, t = _sites(b)[0]
-    a, bb = getattr(mod, f"block_lora_A_{t}"), getattr(mod, f"block_lora_B_{t}")
+    site = _sites(b)[0]
+    a, bb = site.get("block_lora_", "A"), site.get("block_lora_", "B")
     assert a.shape == (2, 32)
-    assert torch.allclose(BlockLoRA.delta(mod, t), bb @ a * mod._clip_lora_scale, atol=0, rtol=0)
+    assert torch.allclose(m.site_delta(site), bb @ a * m.scale, atol=0, rtol=0)

@@ -9,6 +9,7 @@ from clip_helpers import NAMES, X, encode_both, open_clip_export_logits, perturb
 import vision_ft.methods.clip_lora  # noqa: F401 - registers clip_lora
 from vision_ft.backbones.open_clip import OpenCLIP
 from vision_ft.errors import ConfigError
+from vision_ft.methods import sites
 from vision_ft.methods.clip_lora import CLIPLoRA
 from vision_ft.tasks.clip_classification import CLIPClassificationTask
 
@@ -54,24 +55,21 @@ def test_merge_adds_the_update_into_the_packed_rows_exactly_and_leaves_a_plain_m
     assert torch.equal(mha.in_proj_weight[32:64], w0[32:64])  # k untouched
     assert set(b.model.state_dict()) == keys
     assert type(mha) is torch.nn.MultiheadAttention and "forward" not in mha.__dict__
-    assert not any(hasattr(mod, "_clip_lora") for mod in b.model.modules())
+    assert not sites.owned(b.model, m.prefix)
 
 
 def test_dropout_path_computes_the_same_attention_as_the_native_one():
     b = OpenCLIP("open_clip_test_tiny")
-    CLIPLoRA(targets=["q", "k", "v", "o"], dropout=0.25).apply(b)
+    METHOD = CLIPLoRA(targets=["q", "k", "v", "o"], dropout=0.25)
+    METHOD.apply(b)
     perturb_trainable(b.model)
     with torch.no_grad():
         b.eval()
         native = encode_both(b)
-        for mod in b.model.modules():
-            if hasattr(mod, "_clip_lora"):
-                mod._clip_lora_dropout = 1e-12  # own attention path, dropout mask all ones
+        METHOD.dropout = 1e-12  # own attention path when > 0 in training
         b.train()
         own = encode_both(b)
-        for mod in b.model.modules():
-            if hasattr(mod, "_clip_lora"):
-                mod._clip_lora_dropout = 0.9
+        METHOD.dropout = 0.9  # own attention path when > 0 in training
         dropped = encode_both(b)
     for x, y in zip(native, own):
         assert torch.allclose(x, y, atol=1e-5)

@@ -9,18 +9,14 @@ from clip_helpers import NAMES, X, encode_both, open_clip_export_logits, perturb
 import vision_ft.methods.comp_lora  # noqa: F401 - registers comp_lora
 from vision_ft.backbones.open_clip import OpenCLIP
 from vision_ft.errors import ConfigError
+from vision_ft.methods import sites
 from vision_ft.methods.comp_lora import CompLoRA
 from vision_ft.tasks.clip_classification import CLIPClassificationTask
 
 
 def _sites(backbone):
-    """(module, target, frozen rows) of every adapted site."""
-    out = []
-    for mod in backbone.model.modules():
-        for t, (start, stop) in getattr(mod, "_clip_lora", {}).items():
-            w = mod.out_proj.weight if t == "o" else mod.in_proj_weight
-            out.append((mod, t, w[start:stop].detach()))
-    return out
+    """(site, role, frozen rows) of every adapted site."""
+    return [(site, site.role, site.weight.detach()) for site in sites.owned(backbone.model, "comp_lora_")]
 
 
 def _task(**kw):
@@ -48,35 +44,36 @@ def test_update_is_orthogonal_to_the_leading_singular_subspace_also_after_adamw(
     m = CompLoRA(k=12, targets=["q", "k", "v", "o"], dropout=0.0)
     m.apply(b)
     perturb_trainable(b.model)  # random non-zero B and A
-    sites = _sites(b)
-    assert len(sites) == 4 * 4
-    for mod, t, w in sites:
-        u = getattr(mod, f"comp_lora_U_{t}")
+    adapted = _sites(b)
+    assert len(adapted) == 4 * 4
+    for site, t, w in adapted:
+        u = site.get("comp_lora_", "U")
         assert u.shape == (32, 12) and not u.requires_grad
         # U_k spans the leading left-singular subspace of this very row block (float64 reference)
         ref = torch.linalg.svd(w.double())[0][:, :12]
         assert torch.allclose((u @ u.T).double(), ref @ ref.T, atol=1e-5)
     params = [p for p in b.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
-    before = {id(mod): mod.comp_lora_B_q.detach().clone() for mod, t, _ in sites if t == "q"}
+    before = {site.name: site.get("comp_lora_", "B").detach().clone() for site, t, _ in adapted if t == "q"}
     for _ in range(3):
         img, txt = encode_both(b)
         loss = (img ** 2).sum() + (txt ** 3).sum()
         opt.zero_grad()
         loss.backward()
-        for mod, t, _ in sites:  # the projected-out part of B gets no gradient ...
-            u, g = getattr(mod, f"comp_lora_U_{t}"), getattr(mod, f"comp_lora_B_{t}").grad
+        for site, t, _ in adapted:  # the projected-out part of B gets no gradient ...
+            u, g = site.get("comp_lora_", "U"), site.get("comp_lora_", "B").grad
             assert (u.T @ g).norm() <= 1e-5 * g.norm()
         opt.step()
-    for mod, t, _ in sites:
-        u = getattr(mod, f"comp_lora_U_{t}")
-        delta = CompLoRA.delta(mod, t)
-        raw = getattr(mod, f"comp_lora_B_{t}") @ getattr(mod, f"comp_lora_A_{t}")
+    for site, t, _ in adapted:
+        u = site.get("comp_lora_", "U")
+        delta = m.site_delta(site)
+        raw = site.get("comp_lora_", "B") @ site.get("comp_lora_", "A")
         assert delta.norm() > 1e-3
         assert (u.T @ delta).norm() / delta.norm() < 1e-5
         assert (u.T @ raw).norm() / raw.norm() > 1e-2  # ... yet B itself is not confined: the projection does it
     # ... and AdamW's per-coordinate steps moved B inside span(U_k) too (why a projected gradient is not enough)
-    moved = [(mod.comp_lora_U_q.T @ (mod.comp_lora_B_q - before[id(mod)])).norm() for mod, t, _ in sites if t == "q"]
+    moved = [(site.get("comp_lora_", "U").T @ (site.get("comp_lora_", "B") - before[site.name])).norm()
+             for site, t, _ in adapted if t == "q"]
     assert max(moved) > 1e-4
 
 
@@ -116,28 +113,27 @@ def test_merge_is_exact_and_leaves_a_plain_model():
     assert set(b.model.state_dict()) == keys  # no comp_lora_ parameters or buffers left
     assert not [n for n, _ in [*b.model.named_parameters(), *b.model.named_buffers()] if "comp_lora_" in n]
     assert type(mha) is torch.nn.MultiheadAttention and "forward" not in mha.__dict__
-    assert not any(hasattr(mod, "_clip_lora") for mod in b.model.modules())
+    assert not sites.owned(b.model, "comp_lora_")
 
 
 def test_branch_path_equals_the_dense_path():
     """Training with dropout computes s (I - U U^T) B A x per token (branch); eval folds Delta W into the
     packed weight (delta): both give the same attention."""
     b = OpenCLIP("open_clip_test_tiny")
-    CompLoRA(targets=["q", "k", "v", "o"], dropout=0.25).apply(b)
+    METHOD = CompLoRA(targets=["q", "k", "v", "o"], dropout=0.25)
+    METHOD.apply(b)
     perturb_trainable(b.model)
     with torch.no_grad():
         b.eval()
         dense = encode_both(b)
-        for mod in b.model.modules():
-            if hasattr(mod, "_clip_lora"):
-                mod._clip_lora_dropout = 1e-12  # own attention path through branch(), mask all ones
+        METHOD.dropout = 1e-12  # own attention path when > 0 in training
         b.train()
         branched = encode_both(b)
     for x, y in zip(dense, branched):
         assert torch.allclose(x, y, atol=1e-5)
-    mod, t, _ = _sites(b)[0]
+    site, t, _ = _sites(b)[0]
     x = torch.randn(5, 32)
-    assert torch.allclose(CompLoRA.branch(mod, t, x), x @ CompLoRA.delta(mod, t).T, atol=1e-6)
+    assert torch.allclose(METHOD.site_branch(site, x), x @ METHOD.site_delta(site).T, atol=1e-6)
 
 
 def test_adapter_saves_the_basis_roundtrip_and_merged_export_load_in_open_clip(tmp_path):

@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from vision_ft.methods import sites
+
 import vision_ft.methods.pego  # noqa: F401 - registers "pego"
 from conftest import make_task
 from vision_ft.backbones import TimmViT
@@ -39,7 +41,7 @@ def _dense_reference(task):
         d = qkv.in_features
         for role, rows in (("q", slice(0, d)), ("v", slice(2 * d, 3 * d))):
             w = qkv.weight[rows].double()
-            a, b = getattr(qkv, f"pego_{role}_A").double(), getattr(qkv, f"pego_{role}_B").double()
+            a, b = getattr(qkv, f"pego_A_{role}").double(), getattr(qkv, f"pego_B_{role}").double()
             dws = [b[i] @ a[i] for i in range(a.shape[0])]
             for i, dw in enumerate(dws):
                 total += (w @ dw.T).abs().sum()
@@ -56,15 +58,15 @@ def test_trainable_count_on_vit_base_matches_the_card():
         method.apply(backbone)
         assert method.trainable_parameters(backbone) == expected
         trainable = {k: tuple(p.shape) for k, p in backbone.model.named_parameters() if p.requires_grad}
-        assert trainable["blocks.11.attn.qkv.pego_v_A"] == (n, 4, 768)
-        assert trainable["blocks.11.attn.qkv.pego_q_B"] == (n, 768, 4)
+        assert trainable["blocks.11.attn.qkv.pego_A_v"] == (n, 4, 768)
+        assert trainable["blocks.11.attn.qkv.pego_B_q"] == (n, 768, 4)
         assert len(trainable) == 12 * 4 and all(k.split(".")[-1].startswith("pego_") for k in trainable)
 
 
 def test_parameters_are_fp32_kaiming_a_and_zero_b():
     task = _task()
     qkv = _qkv(task)
-    a, b = qkv.pego_q_A, qkv.pego_q_B
+    a, b = qkv.pego_A_q, qkv.pego_B_q
     assert a.dtype == b.dtype == torch.float32
     assert torch.count_nonzero(b) == 0
     bound = 1 / qkv.in_features ** 0.5  # kaiming_uniform(a=sqrt(5)) on (r, d_in)
@@ -77,7 +79,7 @@ def test_regulariser_is_zero_at_init_and_named_pego_orth():
     reg = task.method.regularizer({"task": task}, None)
     assert set(reg) == {"pego_orth"}
     assert reg["pego_orth"].item() == 0.0
-    assert torch.count_nonzero(_qkv(task).pego_v_A) > 0  # zero because B = 0, not because A = 0
+    assert torch.count_nonzero(_qkv(task).pego_A_v) > 0  # zero because B = 0, not because A = 0
 
 
 def test_regulariser_equals_dense_computation():
@@ -101,7 +103,7 @@ def test_diversity_term_vanishes_iff_module_row_spaces_are_orthogonal():
                 basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))  # orthonormal columns
                 rows = basis.T[: n * r].reshape(n, r, d)                    # disjoint orthonormal rows
                 mix = torch.randn(n, r, r, generator=g)                     # same row space, not orthonormal
-                getattr(block.attn.qkv, f"pego_{role}_A").copy_(mix @ rows)
+                getattr(block.attn.qkv, f"pego_A_{role}").copy_(mix @ rows)
     terms = orthogonality_terms(task.backbone.model)
     assert terms["preserve"] > 1e-2
     assert terms["diverse"].abs() < 1e-5 * terms["preserve"]
@@ -128,7 +130,7 @@ def test_update_adds_sum_of_ba_x_into_q_and_v_rows_only():
         plain = torch.nn.functional.linear(x, qkv.weight, qkv.bias)
         out = qkv(x)
         for role, rows in (("q", slice(0, d)), ("v", slice(2 * d, 3 * d))):
-            a, b = getattr(qkv, f"pego_{role}_A"), getattr(qkv, f"pego_{role}_B")
+            a, b = getattr(qkv, f"pego_A_{role}"), getattr(qkv, f"pego_B_{role}")
             expected = plain[..., rows] + sum(x @ (b[i] @ a[i]).T for i in range(2))
             assert torch.allclose(out[..., rows], expected, atol=1e-6)
             assert not torch.allclose(out[..., rows], plain[..., rows], atol=1e-3)
@@ -143,7 +145,7 @@ def test_gradients_reach_both_factors_from_task_loss_and_regulariser():
     reg = task.method.regularizer({"task": task}, None)["pego_orth"]
     (loss + reg).backward()
     qkv = _qkv(task)
-    for name in ("pego_q_A", "pego_q_B", "pego_v_A", "pego_v_B"):
+    for name in ("pego_A_q", "pego_B_q", "pego_A_v", "pego_B_v"):
         grad = getattr(qkv, name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert qkv.weight.grad is None  # W frozen
@@ -154,11 +156,11 @@ def test_regulariser_gradient_matches_dense_autograd():
     _randomise(task)
     qkv = _qkv(task)
     task.method.regularizer({"task": task}, None)["pego_orth"].backward()
-    ours = qkv.pego_v_B.grad.clone()
+    ours = qkv.pego_B_v.grad.clone()
     for p in task.backbone.model.parameters():
         p.grad = None
     (1e-3 * _dense_reference(task)).backward()
-    assert torch.allclose(ours.double(), qkv.pego_v_B.grad.double(), rtol=1e-4, atol=1e-9)
+    assert torch.allclose(ours.double(), qkv.pego_B_v.grad.double(), rtol=1e-4, atol=1e-9)
 
 
 def test_merge_is_exact_and_changes_only_q_and_v_rows():
@@ -177,7 +179,7 @@ def test_merge_is_exact_and_changes_only_q_and_v_rows():
     assert not torch.allclose(w[:d], w_before[:d]) and not torch.allclose(w[2 * d:], w_before[2 * d:])
     assert not any("pego_" in k for k in task.backbone.model.state_dict())
     assert all(not m._forward_hooks for m in task.backbone.model.modules())
-    assert not hasattr(qkv, "pego_slices")
+    assert not sites.owned(task.backbone.model, "pego_")
     assert task.method.regularizer({"task": task}, None) == {}
 
 
@@ -205,7 +207,7 @@ def test_targets_choose_the_rows():
     _randomise(task)
     qkv = _qkv(task)
     d = qkv.in_features
-    assert qkv.pego_slices == (("k", d, 2 * d),)
+    assert [(s.key, s.start, s.stop) for s in sites.owned(task.backbone.model, "pego_")][:1] == [("k", d, 2 * d)]
     x = torch.randn(3, qkv.in_features)
     with torch.no_grad():
         plain = torch.nn.functional.linear(x, qkv.weight, qkv.bias)

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+
+from vision_ft.methods import sites
 import torch.nn.functional as F
 
 import vision_ft.methods.snell  # noqa: F401 - registers "snell"
@@ -32,8 +34,8 @@ def _perturb(bb, scale=0.05, seed=1):
 
 def _factors(module):
     """(suffix, start, stop, A, B) for each update held by an adapted linear."""
-    return [(s, a, b, getattr(module, f"snell_A{s}"), getattr(module, f"snell_B{s}"))
-            for s, a, b in module.snell_settings.slices]
+    return [(s.key, s.start, s.stop, s.get("snell_", "A"), s.get("snell_", "B"))
+            for s in sites.on_module(module, "snell_")]
 
 
 def _reference_delta(a, b, s, magnitude=True, scale=0.1):
@@ -156,7 +158,7 @@ def test_drop_path_drops_each_update_per_sample_and_dropout_acts_in_training_onl
         full = F.linear(x, method.delta(qkv))
         got = qkv.train()(x) - base
     kept = []
-    for _, start, stop in qkv.snell_settings.slices:  # q, k, v: one DropPath each
+    for _, start, stop, _, _ in _factors(qkv):  # q, k, v: one DropPath each
         d, f = got[..., start:stop], full[..., start:stop]
         dropped = d.abs().flatten(1).amax(1) == 0
         assert torch.allclose(d[~dropped], 2 * f[~dropped], atol=1e-6)
@@ -183,7 +185,7 @@ def test_merged_equals_unmerged_and_leaves_a_plain_timm_model():
     model = task.backbone.model
     assert not any("snell_" in n for n, _ in model.named_parameters())
     assert not any(m._forward_hooks for m in model.modules())
-    assert not any(hasattr(m, "snell_settings") for m in model.modules())
+    assert not sites.owned(model, "snell_")
 
 
 def test_only_targeted_rows_of_the_fused_qkv_change():
@@ -214,7 +216,7 @@ def test_checkpointed_gradient_equals_dense_reference(role):
     bb, method = _small(sparsity=0.3, dropout=0.0, drop_path=0.0)
     _perturb(bb)
     lin = bb.model.blocks[1].attn.qkv if role == "qkv" else bb.model.blocks[1].mlp.fc1
-    assert lin.snell_settings.recompute
+    assert method.recompute
     x = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(3), requires_grad=True)
 
     def reference(inp):  # no checkpoint, dense update built independently

@@ -232,7 +232,7 @@ def test_scores_are_sums_of_squared_batch_gradients_and_leave_the_backbone_uncha
     qkv.weight.requires_grad_(True)
     qkv.bias.requires_grad_(True)
     task.train()
-    with spt._seeded(3, torch.device("cpu")):
+    with spt.scoring._seeded(3, torch.device("cpu")):
         for images, labels in spt.sensitivity_batches(data, 24, 8, 3):
             gw, gb = torch.autograd.grad(task.loss(task(images), labels), [qkv.weight, qkv.bias])
             ref_w += gw.square()
@@ -318,7 +318,7 @@ def test_adapter_roundtrip_rebuilds_from_buffers_bitwise(name, tmp_path, monkeyp
     def no_scoring(*a, **k):
         raise AssertionError("load_adapter must not re-score")
 
-    monkeypatch.setattr(spt, "sensitivity", no_scoring)
+    monkeypatch.setattr(spt.scoring, "sensitivity", no_scoring)
     loaded = load_adapter(tmp_path)
     assert type(loaded.method) is type(task.method) and loaded.method.prepared
     with torch.no_grad():

@@ -1,8 +1,9 @@
 """The uniform surface every backbone family offers to methods and tasks.
 
-A method is written once against :class:`Backbone`: it asks for blocks, for the
-linear layer playing a role in a block (``q k v qkv proj fc1 fc2``) and for the
-norms, and never needs to know which library built the model.
+A method is written once against :class:`Backbone`: it asks for blocks, for where the
+weight playing a role in a block (``q k v qkv proj fc1 fc2``) lives (:meth:`Backbone.weight_ref`,
+turned into a site by :mod:`vision_ft.methods.sites`) and for the norms, and never needs to
+know which library built the model.
 """
 
 from __future__ import annotations
@@ -20,25 +21,25 @@ ROLES = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
 
 
 @dataclass(frozen=True)
-class PackedSlice:
-    """A view into a packed projection: rows ``start:stop`` of ``linear.weight``.
+class WeightRef:
+    """Where the weight playing a role lives inside ``Backbone.model``: family knowledge, told by the backbone.
 
-    timm fuses q/k/v into one ``qkv`` linear (3d x d); a method acting on ``q``
-    alone must update only its rows, never re-write the attention.
+    ``module`` (dotted name) owns the parameter ``param`` (and ``bias``, ``None`` if it has none); the
+    role is its rows ``start:stop`` (``stop=None``: all rows) -- q, k or v inside timm's fused ``qkv``
+    or open_clip's packed ``in_proj_weight``, q/k/v inside Phi-3's ``qkv_proj`` -- and ``key`` names that
+    slice (``""`` for a whole weight). ``reader``: the dotted name of the module whose forward reads the
+    parameter directly (open_clip's ``nn.MultiheadAttention``), ``None`` when ``module``'s own forward
+    computes the output. Methods never use this directly: :mod:`vision_ft.methods.sites` turns it into
+    a site with one API for every family.
     """
 
-    linear: nn.Linear
-    start: int
-    stop: int
-    name: str  # module name of the packed linear inside ``Backbone.model``
-
-    @property
-    def out_features(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
+    module: str
+    param: str = "weight"
+    bias: str | None = "bias"
+    start: int = 0
+    stop: int | None = None
+    key: str = ""
+    reader: str | None = None
 
 
 class Backbone(nn.Module):
@@ -69,8 +70,23 @@ class Backbone(nn.Module):
         """Dotted name (inside ``self.model``) of the module for ``role`` in ``block``."""
         raise NotImplementedError
 
-    def linear(self, block: int, role: str) -> nn.Linear | PackedSlice:
+    def weight_ref(self, block: int, role: str) -> WeightRef:
+        """Where the weight for ``role`` (``q k v qkv proj fc1 fc2``) of ``block`` lives. A backbone without
+        that role raises :class:`~vision_ft.errors.ConfigError` saying why (e.g. no fused ``qkv``)."""
         raise NotImplementedError
+
+    # --- towers (two-tower backbones override) --------------------------------------------
+    def tower_names(self) -> list[str]:
+        """The towers whose blocks ``blocks`` lists (``[]``: a single-tower model)."""
+        return []
+
+    def tower(self, block: int) -> str | None:
+        """The tower of block ``block`` (``None`` on a single-tower model)."""
+        return None
+
+    def tower_block(self, block: int) -> int:
+        """Index of block ``block`` inside its tower."""
+        return block
 
     def norms(self, block: int) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -82,6 +98,20 @@ class Backbone(nn.Module):
     def final_norm(self) -> nn.Module:
         """The norm applied to the tokens after the last block."""
         raise NotImplementedError
+
+    def stem_parameter_names(self) -> list[str]:
+        """Names (inside ``self.model``) of the stem's parameters: the patch embedding of a ViT, the
+        first convolution of a CNN (what full fine-tuning's ``train_patch_embed: false`` freezes)."""
+        own = {id(p) for p in self.stem().parameters()}
+        return [n for n, p in self.model.named_parameters() if id(p) in own]
+
+    def no_decay_parameter_names(self) -> list[str]:
+        """Parameters (names inside ``self.model``) exempt from weight decay besides 1-D ones: position
+        embeddings and class / register tokens. Default: the library model's own ``no_weight_decay()``
+        (timm, open_clip) where it has one."""
+        listed = getattr(self.model, "no_weight_decay", None)
+        names = set(listed()) if callable(listed) else set()
+        return [n for n, _ in self.model.named_parameters() if n in names]
 
     # --- compute ------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -150,6 +180,9 @@ class TwoTowerBackbone(Backbone):
     @property
     def num_blocks(self) -> int:
         return len(self._index)
+
+    def tower_names(self) -> list[str]:
+        return list(self.towers)
 
     def tower(self, block: int) -> str:
         """``visual`` or ``text``: the tower of block ``block``."""

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError, ConfigError, first_line
-from .base import Backbone
+from .base import Backbone, WeightRef
 
 log = logging.getLogger("vision_ft")
 
@@ -299,8 +299,8 @@ class DFineDetector(Backbone):
             raise KeyError(f"unknown role {role!r}; roles here: {' '.join(paths)}")
         return f"{self.block_paths[block]}.{paths[role]}"
 
-    def linear(self, block: int, role: str) -> nn.Linear:
-        return self.model.get_submodule(self.module_name(block, role))
+    def weight_ref(self, block: int, role: str) -> WeightRef:
+        return WeightRef(self.module_name(block, role))
 
     def norms(self, block: int) -> dict[str, nn.Module]:
         b = self.blocks[block]

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError, ConfigError
-from .base import TwoTowerBackbone, first_line
+from .base import TwoTowerBackbone, WeightRef, first_line
 
 log = logging.getLogger("vision_ft")
 
@@ -400,8 +400,8 @@ class HFCLIP(TwoTowerBackbone):
             raise KeyError(f"unknown role {role!r}; roles: q k v qkv proj fc1 fc2")
         return f"{self._tower_prefix(tower)}.{j}.{paths[role]}"
 
-    def linear(self, block: int, role: str) -> nn.Linear:
-        return self.model.get_submodule(self.module_name(block, role))
+    def weight_ref(self, block: int, role: str) -> WeightRef:
+        return WeightRef(self.module_name(block, role))
 
     def norms(self, block: int) -> dict[str, nn.Module]:
         b = self.blocks[block]
@@ -587,6 +587,11 @@ class HFCLIP(TwoTowerBackbone):
                "weights_source": self.weights_source, **(extra or {})}
         atomic_write_text(out_dir / NATIVE_META, json.dumps(doc, indent=2, default=str) + "\n")
         return out_dir
+
+    def no_decay_parameter_names(self) -> list[str]:
+        """Position embeddings of both towers and the class embedding (what open_clip's CLIP lists)."""
+        return [n for n, _ in self.model.named_parameters()
+                if n.endswith(("embeddings.position_embedding.weight", "embeddings.class_embedding"))]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -9,11 +9,9 @@ on every exposed block; set ``towers: [visual]`` to restrict such a method to th
 Roles inside a block: open_clip's default block uses ``torch.nn.MultiheadAttention``, which packs
 q/k/v in one ``in_proj_weight`` (3d x d) parameter and reads it, and ``out_proj.weight``, directly
 inside ``F.multi_head_attention_forward``: neither projection runs as an ``nn.Linear`` forward, so
-a forward hook on them never fires. :meth:`OpenCLIP.linear` therefore returns, for ``q k v qkv
-proj``, an :class:`AttentionWeight` (the owning module, the parameter names and the row range), and
-plain ``nn.Linear`` modules for ``fc1``/``fc2`` (``mlp.c_fc``/``mlp.c_proj``). Methods that hook
-``nn.Linear`` outputs on ``qkv``/``proj`` (SSF, adapters placed there) refuse this backbone with
-an error instead of silently doing nothing; ``clip_lora`` handles the packed weight.
+a forward hook on them never fires. :meth:`OpenCLIP.weight_ref` therefore names, for ``q k v qkv
+proj``, the parameter, its rows and the attention module that reads it (``reader``), so the site layer
+wraps that attention; ``fc1``/``fc2`` are plain ``nn.Linear`` modules (``mlp.c_fc``/``mlp.c_proj``).
 
 Export: :meth:`OpenCLIP.save_native` writes ``open_clip_config.json`` (``model_cfg`` +
 ``preprocess_cfg``) and ``open_clip_model.safetensors``, which
@@ -25,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError
-from .base import Backbone, TwoTowerBackbone, first_line, resolve_checkpoint
+from .base import Backbone, TwoTowerBackbone, WeightRef, first_line, resolve_checkpoint
 
 log = logging.getLogger("vision_ft")
 
@@ -47,40 +44,6 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-
-
-@dataclass(frozen=True)
-class AttentionWeight:
-    """Rows ``start:stop`` of a projection weight that attention reads as a parameter (no ``nn.Linear`` forward).
-
-    ``module`` owns ``weight_name`` (and ``bias_name``, possibly ``None``): an
-    ``nn.MultiheadAttention`` with ``in_proj_weight``/``in_proj_bias`` for ``q k v qkv``, or its
-    ``out_proj`` with ``weight``/``bias`` for ``proj``. ``name`` is the module's dotted name.
-    """
-
-    module: nn.Module
-    weight_name: str
-    bias_name: str | None
-    start: int
-    stop: int
-    name: str
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return getattr(self.module, self.weight_name)[self.start:self.stop]
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        b = getattr(self.module, self.bias_name) if self.bias_name else None
-        return None if b is None else b[self.start:self.stop]
-
-    @property
-    def out_features(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def in_features(self) -> int:
-        return int(getattr(self.module, self.weight_name).shape[1])
 
 
 class OpenCLIP(TwoTowerBackbone):
@@ -215,19 +178,22 @@ class OpenCLIP(TwoTowerBackbone):
             raise KeyError(f"unknown role {role!r}; roles: q k v qkv proj fc1 fc2")
         return f"{base}.{paths[role]}"
 
-    def linear(self, block: int, role: str) -> nn.Linear | AttentionWeight:
+    def weight_ref(self, block: int, role: str) -> WeightRef:
         name = self.module_name(block, role)
-        module = self.model.get_submodule(name)
         if role in ("fc1", "fc2"):
-            return module
-        if role == "proj":
-            return AttentionWeight(module, "weight", "bias", 0, module.out_features, name)
+            return WeightRef(name)
+        attn = name.removesuffix(".out_proj")
+        module = self.model.get_submodule(attn)
         if not isinstance(module, nn.MultiheadAttention) or not module._qkv_same_embed_dim:
-            raise NotImplementedError(f"{name} is a {type(module).__name__}; only nn.MultiheadAttention with a "
+            raise NotImplementedError(f"{attn} is a {type(module).__name__}; only nn.MultiheadAttention with a "
                                       "packed in_proj_weight is supported (open_clip's default block)")
+        if role == "proj":  # out_proj.weight, read by the attention's forward (no nn.Linear call)
+            return WeightRef(name, reader=attn)
+        if role == "qkv":
+            return WeightRef(attn, "in_proj_weight", "in_proj_bias", reader=attn)
         d = module.embed_dim
-        start, stop = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d), "qkv": (0, 3 * d)}[role]
-        return AttentionWeight(module, "in_proj_weight", "in_proj_bias", start, stop, name)
+        i = "qkv".index(role)
+        return WeightRef(attn, "in_proj_weight", "in_proj_bias", i * d, (i + 1) * d, key=role, reader=attn)
 
     def norms(self, block: int) -> dict[str, nn.Module]:
         b = self.blocks[block]

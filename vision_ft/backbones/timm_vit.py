@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError
-from .base import Backbone, PackedSlice, first_line, resolve_checkpoint
+from .base import Backbone, WeightRef, first_line, resolve_checkpoint
 
 log = logging.getLogger("vision_ft")
 
@@ -147,13 +147,13 @@ class TimmViT(Backbone):
             raise KeyError(f"unknown role {role!r}; roles: q k v qkv proj fc1 fc2")
         return f"blocks.{block}.{_ROLE_PATHS[role]}"
 
-    def linear(self, block: int, role: str) -> nn.Linear | PackedSlice:
-        lin = self.model.get_submodule(self.module_name(block, role))
-        if role in ("q", "k", "v"):
-            d = lin.out_features // 3
+    def weight_ref(self, block: int, role: str) -> WeightRef:
+        name = self.module_name(block, role)
+        if role in ("q", "k", "v"):  # row blocks of the fused qkv linear (3d x d)
+            d = self.model.get_submodule(name).out_features // 3
             i = "qkv".index(role)
-            return PackedSlice(lin, i * d, (i + 1) * d, self.module_name(block, role))
-        return lin
+            return WeightRef(name, start=i * d, stop=(i + 1) * d, key=role)
+        return WeightRef(name)
 
     def norms(self, block: int) -> dict[str, nn.Module]:
         b = self.model.blocks[block]

@@ -60,14 +60,10 @@ def _spt_lora(m: SPTLoRA, backbone: Backbone) -> dict[str, Any] | None:
 
 
 def _clip_lora(m: CLIPLoRA, backbone: Backbone) -> dict[str, Any]:
-    from ..methods.clip_lora import _ROLE
-
-    sites = m.sites(backbone)
     names: list[str] = []
-    for i, target in sites:
-        name = backbone.module_name(i, _ROLE[target])
-        if name not in names:
-            names.append(name)
+    for site in m.sites(backbone):
+        if site.ref.module not in names:
+            names.append(site.ref.module)
     return {"r": m.r, "alpha": float(m.r), "modules": names,
             "note": f"rank {m.r} on the fused qkv (CLIP-LoRA: r={m.r} on {'+'.join(m.targets)} slices)"}
 

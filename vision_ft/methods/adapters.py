@@ -38,10 +38,15 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..backbones import Backbone
+from typing import TYPE_CHECKING
+
 from ..errors import ConfigError
+from . import sites as S
 from .base import Method
 from .registry import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
 
 _KEY = "model.init_args.method.init_args"
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -89,8 +94,8 @@ class Bottleneck(nn.Module):
 
 
 # --- hooks (module level, bound with functools.partial, so deepcopy works) -----------------
-def _sequential_hook(adapter: Bottleneck, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """On a sub-layer's last projection: ``h + adapter(h)`` (Houlsby placement)."""
+def _sequential(adapter: Bottleneck, host: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """Output map of a sub-layer's last projection: ``h + adapter(h)`` (Houlsby placement)."""
     return output + adapter(output)
 
 
@@ -184,11 +189,11 @@ class Adapter(Method):
     def apply(self, backbone: Backbone) -> None:
         for i, block in enumerate(backbone.blocks):
             for pos in self.positions:
-                site = backbone.linear(i, self._ROLES[pos])
+                site = S.at(backbone, i, self._ROLES[pos])
                 adapter = _like(Bottleneck(backbone.block_width(i), self.bottleneck, dropout=self.dropout,
-                                           activation=self.activation), site)
+                                           activation=self.activation), site.host)
                 block.add_module(f"{self.prefix}{pos}", adapter)
-                site.register_forward_hook(partial(_sequential_hook, adapter))
+                site.add_output_map(self.prefix, partial(_sequential, adapter))
         self.freeze_and_mark(backbone)
         self.applied = True
 

@@ -107,12 +107,11 @@ class BlockLoRA(CLIPLoRA):
         self.n = int(n)
 
     # --- parameterisation -----------------------------------------------------------------
-    def init_tensors(self, module: nn.Module, target: str,
-                     weight: torch.Tensor) -> dict[str, nn.Parameter | torch.Tensor]:
+    def init_tensors(self, site, weight: torch.Tensor) -> dict[str, nn.Parameter | torch.Tensor]:
         d_out, d_in = weight.shape
         if d_in % self.n:
             divisors = [m for m in range(1, d_in + 1) if d_in % m == 0]
-            raise ConfigError(f"{_KEY}.n={self.n} does not divide the input width {d_in} of target {target!r}; "
+            raise ConfigError(f"{_KEY}.n={self.n} does not divide the input width {d_in} of {site.name}; "
                               f"choose one of {divisors}")
         a = torch.empty(self.r, d_in // self.n, dtype=weight.dtype, device=weight.device)
         bound = 1.0 / math.sqrt(d_in)  # CLIP-LoRA's Kaiming-uniform(a=sqrt 5) bound for the dense r x d_in A
@@ -120,21 +119,12 @@ class BlockLoRA(CLIPLoRA):
         b = torch.zeros(d_out, self.r, dtype=weight.dtype, device=weight.device)
         return {"A": nn.Parameter(a), "B": nn.Parameter(b)}
 
-    @classmethod
-    def branch(cls, module: nn.Module, key: str, x: torch.Tensor) -> torch.Tensor:
-        a, b = getattr(module, f"{cls.prefix}A_{key}"), getattr(module, f"{cls.prefix}B_{key}")
+    def branch(self, host: nn.Module, names: dict[str, str], x: torch.Tensor) -> torch.Tensor:
+        a, b = getattr(host, names["A"]), getattr(host, names["B"])
         chunk = a.shape[1]
         summed = x.to(a.dtype).unflatten(-1, (x.shape[-1] // chunk, chunk)).sum(-2)  # x_1 + ... + x_n
-        return F.linear(F.linear(summed, a), b) * module._clip_lora_scale
+        return F.linear(F.linear(summed, a), b) * self.scale
 
-    @classmethod
-    def delta(cls, module: nn.Module, key: str) -> torch.Tensor:
-        a, b = getattr(module, f"{cls.prefix}A_{key}"), getattr(module, f"{cls.prefix}B_{key}")
-        return (b @ a).repeat(1, _in_features(module) // a.shape[1]) * module._clip_lora_scale
-
-
-def _in_features(module: nn.Module) -> int:
-    """Input width of the adapted projections of ``module`` (an ``nn.Linear``, or open_clip's packed
-    ``nn.MultiheadAttention`` whose q/k/v rows and ``out_proj`` all read ``embed_dim`` features)."""
-    weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
-    return int(weight.shape[1])
+    def delta(self, host: nn.Module, names: dict[str, str]) -> torch.Tensor:
+        a, b = getattr(host, names["A"]), getattr(host, names["B"])
+        return (b @ a).repeat(1, self.n) * self.scale

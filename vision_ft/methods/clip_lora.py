@@ -13,128 +13,43 @@ side (``a photo of a {}.`` on ImageNet).
 On ViT-B/16 (visual width 768, text width 512, 12 + 12 blocks) with r = 2 on q, k, v:
 ``2 * (768 + 768) * 3 * 12 + 2 * (512 + 512) * 3 * 12 = 110,592 + 73,728 = 184,320``.
 
-Where the update lives:
-- open_clip's ``nn.MultiheadAttention`` packs q/k/v in ``in_proj_weight`` and never calls an
-  ``nn.Linear`` forward for them. The factors are registered on the attention module
-  (``clip_lora_A_q`` ...) and the instance's ``forward`` is wrapped: without input dropout (eval,
-  or ``dropout=0``) the attention runs natively on ``W + s B A`` (rows of the packed weight, and
-  ``out_proj.weight`` for ``o``); with dropout in training it computes the attention itself
-  (``F.scaled_dot_product_attention``) with the LoRA branches on dropped-out inputs, as the
-  official code's own attention module does. The module keeps its type and state-dict names.
-- ``nn.Linear`` projections (transformers CLIP ``q_proj``...) and fused ``qkv`` linears (timm)
-  get a forward hook adding the branch to their output (rows ``start:stop`` for a fused one).
-:meth:`CLIPLoRA.merge` adds ``s B A`` into the weight rows exactly and removes every trace.
+Where the update lives: each adapted projection is a site (:mod:`vision_ft.methods.sites`): a
+separate ``q_proj`` (transformers), the q/k/v rows of timm's fused ``qkv`` or of open_clip's packed
+``in_proj_weight``. The factors are registered on the module owning the weight (``clip_lora_A_q``
+on a packed weight, ``clip_lora_A`` on a whole one) and the branch ``s B A dropout(x)`` is added to
+the site's output rows. For open_clip's attention, which reads its packed weight directly, the site
+layer runs the native attention on ``W + s B A`` when no input dropout is active, and computes the
+attention itself with the branches on dropped-out inputs otherwise, as the official code's own
+attention module does. :meth:`CLIPLoRA.merge` adds ``s B A`` into the weight rows exactly and
+removes every trace.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import types
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import Backbone, PackedSlice
 from ..errors import ConfigError
+from . import sites as S
 from .base import Method
 from .registry import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
 
 log = logging.getLogger("vision_ft")
 
 _ROLE = {"q": "q", "k": "k", "v": "v", "o": "proj"}
 
 
-def _branch(module: nn.Module, key: str, x: torch.Tensor) -> torch.Tensor:
-    """The update's output ``Delta W dropout(x)`` for target ``key`` registered on ``module``
-    (``s B A dropout(x)`` for CLIP-LoRA; the method class stored on the module computes it)."""
-    p = module._clip_lora_dropout
-    if p > 0 and module.training:
-        x = F.dropout(x, p, training=True)
-    return module._clip_lora_impl.branch(module, key, x)
-
-
-def _delta(module: nn.Module, key: str) -> torch.Tensor:
-    """The dense update ``Delta W`` (out x in) for target ``key``."""
-    return module._clip_lora_impl.delta(module, key)
-
-
-def _linear_hook(module: nn.Linear, args, output: torch.Tensor) -> torch.Tensor:
-    x = args[0]
-    for key, (start, stop) in module._clip_lora.items():
-        d = _branch(module, key, x).to(output.dtype)
-        output = output + (d if (start, stop) == (0, output.shape[-1])
-                           else F.pad(d, (start, output.shape[-1] - stop)))
-    return output
-
-
-def _in_proj_weights(mha: nn.MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
-    """``in_proj_weight`` and ``out_proj.weight`` with the LoRA deltas added (differentiable)."""
-    w_in, w_out = mha.in_proj_weight, mha.out_proj.weight
-    d = mha.embed_dim
-    parts = []
-    for i, key in enumerate("qkv"):
-        rows = w_in[i * d:(i + 1) * d]
-        parts.append(rows + _delta(mha, key).to(rows.dtype) if key in mha._clip_lora else rows)
-    if any(k in mha._clip_lora for k in "qkv"):
-        w_in = torch.cat(parts, 0)
-    if "o" in mha._clip_lora:
-        w_out = w_out + _delta(mha, "o").to(w_out.dtype)
-    return w_in, w_out
-
-
-def _mha_forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True,
-                 attn_mask=None, average_attn_weights=True, is_causal=False):
-    """``nn.MultiheadAttention.forward`` with CLIP-LoRA on q/k/v/o (bound to the instance)."""
-    native = type(self).forward
-    if not (self.training and self._clip_lora_dropout > 0):
-        w_in, w_out = _in_proj_weights(self)
-        if not torch.is_grad_enabled():  # as Parameters, PyTorch takes the same kernels as for the merged model
-            w_in, w_out = nn.Parameter(w_in, requires_grad=False), nn.Parameter(w_out, requires_grad=False)
-        self.__dict__["in_proj_weight"] = w_in  # shadows the parameter for this call only
-        self.out_proj.__dict__["weight"] = w_out
-        try:
-            return native(self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                          attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
-        finally:
-            del self.__dict__["in_proj_weight"]
-            del self.out_proj.__dict__["weight"]
-    if need_weights:
-        raise NotImplementedError("clip_lora with dropout computes attention itself and returns no attention "
-                                  "weights; call with need_weights=False (as open_clip does)")
-    if not self.batch_first:
-        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    d, h = self.embed_dim, self.num_heads
-    bias = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-    projected = []
-    for i, (name, x) in enumerate(zip("qkv", (query, key, value))):
-        y = F.linear(x, self.in_proj_weight[i * d:(i + 1) * d], bias[i])
-        if name in self._clip_lora:
-            y = y + _branch(self, name, x).to(y.dtype)
-        projected.append(y.view(y.shape[0], y.shape[1], h, d // h).transpose(1, 2))
-    q, k, v = projected
-    n, length, source = q.shape[0], q.shape[2], k.shape[2]
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask if attn_mask.dim() == 2 else attn_mask.view(n, h, length, source)
-        if mask.dtype == torch.bool:  # nn.MultiheadAttention: True = not allowed
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
-        mask = mask.to(q.dtype)
-    if key_padding_mask is not None:
-        pad = key_padding_mask.view(n, 1, 1, source)
-        pad = (torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill(pad, float("-inf"))
-               if pad.dtype == torch.bool else pad.to(q.dtype))
-        mask = pad if mask is None else mask + pad
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                         is_causal=bool(is_causal and mask is None))
-    out = out.transpose(1, 2).reshape(n, length, d)
-    y = F.linear(out, self.out_proj.weight, self.out_proj.bias)
-    if "o" in self._clip_lora:
-        y = y + _branch(self, "o", out).to(y.dtype)
-    if not self.batch_first:
-        y = y.transpose(0, 1)
-    return y, None
+def _dropout_inactive(method: CLIPLoRA, host: nn.Module) -> bool:
+    return not (method.dropout > 0 and host.training)
 
 
 @register
@@ -185,29 +100,15 @@ class CLIPLoRA(Method):
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r)
 
-    def sites(self, backbone: Backbone) -> list[tuple[int, str]]:
-        """``(block, target)`` pairs the method adapts."""
-        has_towers = hasattr(backbone, "tower")
-        if has_towers:
-            exposed = {backbone.tower(i) for i in range(backbone.num_blocks)}
-            missing = [e for e in self.encoders if e not in exposed]
-            if missing:
-                raise ConfigError(f"clip_lora encoders {missing} are not exposed by the backbone "
-                                  f"(model.init_args.method.init_args.encoders vs backbone.init_args.towers)")
-        out = []
-        for i in range(backbone.num_blocks):
-            if has_towers and backbone.tower(i) not in self.encoders:
-                continue
-            j = backbone.tower_block(i) if has_towers else i
-            if self.blocks is not None and j not in self.blocks:
-                continue
-            out += [(i, t) for t in self.targets]
-        return out
+    def sites(self, backbone: Backbone) -> list[S.Site]:
+        """The adapted projections, block by block (``encoders`` applies to two-tower backbones)."""
+        towers = self.encoders if backbone.tower_names() else None
+        return S.select(backbone, [_ROLE[t] for t in self.targets], self.blocks, towers, method=self.name)
 
     # --- the parameterisation (subclasses with another form of Delta W override these three) ---
-    def init_tensors(self, module: nn.Module, target: str, weight: torch.Tensor) -> dict[str, nn.Parameter | torch.Tensor]:
-        """The tensors of one site, by name suffix (registered as ``<prefix><suffix>_<target>``):
-        ``nn.Parameter`` values train, plain tensors become buffers. ``weight`` is the frozen
+    def init_tensors(self, site: S.Site, weight: torch.Tensor) -> dict[str, nn.Parameter | torch.Tensor]:
+        """The tensors of one site, by part name (registered as ``<prefix><part>[_<key>]``):
+        ``nn.Parameter`` values train, plain tensors become saved buffers. ``weight`` is the frozen
         (out x in) weight of the site (rows of a packed one)."""
         d_out, d_in = weight.shape
         a = torch.empty(self.r, d_in, dtype=weight.dtype, device=weight.device)
@@ -215,73 +116,45 @@ class CLIPLoRA(Method):
         b = torch.zeros(d_out, self.r, dtype=weight.dtype, device=weight.device)
         return {"A": nn.Parameter(a), "B": nn.Parameter(b)}
 
-    @classmethod
-    def branch(cls, module: nn.Module, key: str, x: torch.Tensor) -> torch.Tensor:
-        """``Delta W x`` for site ``key`` of ``module`` (input dropout already applied)."""
-        a, b = getattr(module, f"{cls.prefix}A_{key}"), getattr(module, f"{cls.prefix}B_{key}")
-        return F.linear(F.linear(x.to(a.dtype), a), b) * module._clip_lora_scale
+    def branch(self, host: nn.Module, names: dict[str, str], x: torch.Tensor) -> torch.Tensor:
+        """``Delta W x`` of one site (input dropout already applied); ``names``: part -> tensor name on ``host``."""
+        a, b = getattr(host, names["A"]), getattr(host, names["B"])
+        return F.linear(F.linear(x.to(a.dtype), a), b) * self.scale
 
-    @classmethod
-    def delta(cls, module: nn.Module, key: str) -> torch.Tensor:
-        """The dense ``Delta W`` (out x in) of site ``key``."""
-        a, b = getattr(module, f"{cls.prefix}A_{key}"), getattr(module, f"{cls.prefix}B_{key}")
-        return (b @ a) * module._clip_lora_scale
+    def delta(self, host: nn.Module, names: dict[str, str]) -> torch.Tensor:
+        """The dense ``Delta W`` (out x in) of one site."""
+        a, b = getattr(host, names["A"]), getattr(host, names["B"])
+        return (b @ a) * self.scale
+
+    def site_names(self, site: S.Site) -> dict[str, str]:
+        """Part -> tensor name of the method's tensors at ``site``."""
+        return {p: site.tensor_name(self.prefix, p) for p in ("A", "B", "U")
+                if hasattr(site.host, site.tensor_name(self.prefix, p))}
+
+    def site_delta(self, site: S.Site) -> torch.Tensor:
+        """The dense ``Delta W`` at ``site`` (for inspection and tests)."""
+        return self.delta(site.host, self.site_names(site))
+
+    def site_branch(self, site: S.Site, x: torch.Tensor) -> torch.Tensor:
+        """``Delta W x`` at ``site`` without dropout (for inspection and tests)."""
+        return self.branch(site.host, self.site_names(site), x)
 
     # --- placement (shared by the CLIP-LoRA family) -------------------------------------
     def apply(self, backbone: Backbone) -> None:
-        for i, target in self.sites(backbone):
-            site = backbone.linear(i, _ROLE[target])
-            if isinstance(site, nn.Linear):
-                module, start, stop, weight = site, 0, site.out_features, site.weight
-            elif isinstance(site, PackedSlice):
-                module, start, stop = site.linear, site.start, site.stop
-                weight = site.linear.weight[start:stop]
-            else:  # an open_clip AttentionWeight: the tensors live on the nn.MultiheadAttention
-                module = backbone.model.get_submodule(site.name.removesuffix(".out_proj"))
-                if not isinstance(module, nn.MultiheadAttention):
-                    raise ConfigError(f"{self.name} cannot adapt {site.name} ({type(module).__name__})")
-                start, stop, weight = site.start, site.stop, site.weight
-            if getattr(module, "_clip_lora_impl", type(self)) is not type(self):
-                raise ConfigError(f"{site.name} is already adapted by {module._clip_lora_impl.name}")
-            for suffix, tensor in self.init_tensors(module, target, weight.detach()).items():
-                name = f"{self.prefix}{suffix}_{target}"
-                if isinstance(tensor, nn.Parameter):
-                    module.register_parameter(name, tensor)
-                else:
-                    module.register_buffer(name, tensor)
-            if not hasattr(module, "_clip_lora"):
-                module._clip_lora = {}
-                module._clip_lora_scale, module._clip_lora_dropout = self.scale, self.dropout
-                module._clip_lora_impl = type(self)
-                if isinstance(module, nn.MultiheadAttention):
-                    module.forward = types.MethodType(_mha_forward, module)
-                else:
-                    module.register_forward_hook(_linear_hook)
-            module._clip_lora[target] = (start, stop)
+        for site in self.sites(backbone):
+            names = {part: site.add_tensor(self.prefix, part, t)
+                     for part, t in self.init_tensors(site, site.weight.detach()).items()}
+            site.add_branch(self.prefix, partial(_lora_branch, self, names), delta=partial(self.delta, names=names),
+                            exact=partial(_dropout_inactive, self))
         self.freeze_and_mark(backbone)
         self.applied = True
 
-    @torch.no_grad()
     def merge(self, backbone: Backbone) -> None:
-        for module in list(backbone.model.modules()):
-            sites = getattr(module, "_clip_lora", None)
-            if sites is None:
-                continue
-            for target, (start, stop) in sites.items():
-                delta = _delta(module, target)
-                if isinstance(module, nn.MultiheadAttention):
-                    weight = module.out_proj.weight if target == "o" else module.in_proj_weight
-                else:
-                    weight = module.weight
-                weight[start:stop] += delta.to(weight.dtype)
-                own = [n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-                       if n.startswith(self.prefix) and n.endswith(f"_{target}")]
-                for name in own:
-                    delattr(module, name)
-            if isinstance(module, nn.MultiheadAttention):
-                del module.forward  # back to the class's forward
-            else:
-                for key in [k for k, fn in module._forward_hooks.items() if fn is _linear_hook]:
-                    del module._forward_hooks[key]
-            del module._clip_lora, module._clip_lora_scale, module._clip_lora_dropout, module._clip_lora_impl
+        S.merge_all(backbone.model, self.prefix)
         self.merged = True
+
+
+def _lora_branch(method: CLIPLoRA, names: dict[str, str], host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if method.dropout > 0 and host.training:
+        x = F.dropout(x, method.dropout, training=True)
+    return method.branch(host, names, x)

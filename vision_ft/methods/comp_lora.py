@@ -112,32 +112,29 @@ class CompLoRA(CLIPLoRA):
         self.k = int(k)
 
     # --- parameterisation -----------------------------------------------------------------
-    def init_tensors(self, module: nn.Module, target: str,
-                     weight: torch.Tensor) -> dict[str, nn.Parameter | torch.Tensor]:
+    def init_tensors(self, site, weight: torch.Tensor) -> dict[str, nn.Parameter | torch.Tensor]:
         d_out, d_in = weight.shape
         if self.k >= d_out or self.k > d_in:
             raise ConfigError(f"{_KEY}.k={self.k} leaves no complementary subspace for the {d_out} x {d_in} "
-                              f"weight of target {target!r}; choose k < {min(d_out, d_in + 1)}")
-        tensors = super().init_tensors(module, target, weight)  # A Kaiming-uniform, B = 0 (CLIP-LoRA)
+                              f"weight of {site.name}; choose k < {min(d_out, d_in + 1)}")
+        tensors = super().init_tensors(site, weight)  # A Kaiming-uniform, B = 0 (CLIP-LoRA)
         u = _left_singular_vectors(weight.detach().float())
         tensors["U"] = u[:, :self.k].to(weight.dtype).contiguous()  # buffer: frozen, saved
         return tensors
 
-    @classmethod
-    def projected_b(cls, module: nn.Module, key: str) -> torch.Tensor:
-        """``(I - U_k U_k^T) B`` for site ``key`` (``d_out x r``)."""
-        b, u = getattr(module, f"{cls.prefix}B_{key}"), getattr(module, f"{cls.prefix}U_{key}")
+    @staticmethod
+    def projected_b(host: nn.Module, names: dict[str, str]) -> torch.Tensor:
+        """``(I - U_k U_k^T) B`` of one site (``d_out x r``)."""
+        b, u = getattr(host, names["B"]), getattr(host, names["U"])
         return b - u @ (u.T @ b)
 
-    @classmethod
-    def branch(cls, module: nn.Module, key: str, x: torch.Tensor) -> torch.Tensor:
-        a = getattr(module, f"{cls.prefix}A_{key}")
-        return F.linear(F.linear(x.to(a.dtype), a), cls.projected_b(module, key)) * module._clip_lora_scale
+    def branch(self, host: nn.Module, names: dict[str, str], x: torch.Tensor) -> torch.Tensor:
+        a = getattr(host, names["A"])
+        return F.linear(F.linear(x.to(a.dtype), a), self.projected_b(host, names)) * self.scale
 
-    @classmethod
-    def delta(cls, module: nn.Module, key: str) -> torch.Tensor:
-        a = getattr(module, f"{cls.prefix}A_{key}")
-        return (cls.projected_b(module, key) @ a) * module._clip_lora_scale
+    def delta(self, host: nn.Module, names: dict[str, str]) -> torch.Tensor:
+        a = getattr(host, names["A"])
+        return (self.projected_b(host, names) @ a) * self.scale
 
 
 def _left_singular_vectors(weight: torch.Tensor) -> torch.Tensor:

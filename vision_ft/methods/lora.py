@@ -11,14 +11,17 @@ on the fused qkv of all 12 blocks: ``8 * (768 + 2304) * 12 = 294,912`` parameter
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
-from torch import nn
 
-from ..backbones import Backbone
 from ..errors import ConfigError
 from .base import Method
 from .registry import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
 
 _PEFT_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 
@@ -66,10 +69,16 @@ class LoRA(Method):
         names = []
         for i in blocks:
             for role in self.targets:
-                if role in ("q", "k", "v") and not isinstance(backbone.linear(i, role), nn.Linear):
+                ref = backbone.weight_ref(i, role)
+                if ref.reader is not None:
+                    raise ConfigError(f"lora (HF peft) adapts modules that compute their own output; {ref.module} "
+                                      f"({ref.param}) is read directly by {ref.reader}, so peft cannot adapt target "
+                                      f"{role!r} (method.init_args.targets). Use clip_lora (or pego, snell) for it")
+                if ref.key:
                     raise ConfigError(f"lora target {role!r} is a slice of this backbone's fused qkv projection "
                                       "(method.init_args.targets); use 'qkv'")
-                names.append(backbone.module_name(i, role))
+                if ref.module not in names:
+                    names.append(ref.module)
         return names
 
     def peft_config(self, backbone: Backbone) -> LoraConfig:

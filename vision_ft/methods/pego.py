@@ -30,12 +30,12 @@ agree and there is no difference to arbitrate. (Commented-out lines in the
 official code try ``W^T dW`` and squared variants; they are not the method.) The
 paper text could not be consulted offline for this implementation.
 
-timm fuses q, k, v into one ``qkv`` linear: the update is added only into the q
-and v row ranges given by ``Backbone.linear(i, 'q' | 'v')`` (a ``PackedSlice``),
-by a forward hook on the ``qkv`` module, which also holds the parameters
-(``pego_q_A`` ``(N, r, d_in)``, ``pego_q_B`` ``(N, d_out, r)``, same for v). The
-k rows of the output are never touched. A backbone with separate q/v linears is
-handled the same way with the full row range. The products in the regulariser
+Each adapted projection is a site (:mod:`vision_ft.methods.sites`): on timm's fused
+``qkv`` the update is added only into the q and v rows (the k rows are never
+touched), on open_clip's packed ``in_proj_weight`` likewise, on separate q/v
+linears to the whole output. The factors live on the module owning the weight
+(``pego_A_q`` ``(N, r, d_in)``, ``pego_B_q`` ``(N, d_out, r)`` on a packed weight;
+``pego_A`` / ``pego_B`` on a separate one). The products in the regulariser
 are evaluated factored (``(W A_i^T) B_i^T`` and ``B_i (A_i A_j^T) B_j^T``:
 ``O(d^2 r)`` instead of ``O(d^3)``); the value is that of the dense products.
 
@@ -64,42 +64,42 @@ DomainNet; rank ``--peft_hp 4``; ``--ld 1e-3``; backbone CLIP ViT-B/16.
 from __future__ import annotations
 
 import math
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import Backbone
-from ..backbones.base import PackedSlice
 from ..errors import AdapterError, ConfigError
+from . import sites as S
 from .base import Method
 from .registry import register
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
+
 _KEY = "model.init_args.method.init_args"
 _ROLES = ("q", "k", "v")
+PREFIX = "pego_"
 
 
-def _factors(module: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return getattr(module, f"pego_{role}_A"), getattr(module, f"pego_{role}_B")
+def _factors(site: S.Site) -> tuple[torch.Tensor, torch.Tensor]:
+    return site.get(PREFIX, "A"), site.get(PREFIX, "B")
 
 
-def _pego_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """Add ``sum_i B_i A_i x`` into the adapted row ranges of the linear's output."""
-    x = args[0]
-    out = output.clone()
-    for role, start, stop in module.pego_slices:
-        a, b = _factors(module, role)
-        n, r, d_in = a.shape
-        a_cat = a.reshape(n * r, d_in).to(x.dtype)                           # [A_1; ...; A_N]
-        b_cat = b.permute(1, 0, 2).reshape(stop - start, n * r).to(x.dtype)  # [B_1 ... B_N]
-        out[..., start:stop] += F.linear(F.linear(x, a_cat), b_cat)
-    return out
+def _branch(names: tuple[str, str], host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``sum_i B_i A_i x`` as one rank-``N r`` product."""
+    a, b = getattr(host, names[0]), getattr(host, names[1])
+    n, r, d_in = a.shape
+    a_cat = a.reshape(n * r, d_in).to(x.dtype)                        # [A_1; ...; A_N]
+    b_cat = b.permute(1, 0, 2).reshape(b.shape[1], n * r).to(x.dtype)  # [B_1 ... B_N]
+    return F.linear(F.linear(x, a_cat), b_cat)
 
 
-def _sites(model: nn.Module) -> list[nn.Module]:
-    """The modules carrying PEGO factors, in module order."""
-    return [m for m in model.modules() if hasattr(m, "pego_slices")]
+def _delta(names: tuple[str, str], host: nn.Module) -> torch.Tensor:
+    a, b = getattr(host, names[0]), getattr(host, names[1])
+    return torch.einsum("nor,nrd->od", b, a)  # sum_i B_i A_i
 
 
 def orthogonality_terms(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,24 +108,23 @@ def orthogonality_terms(model: nn.Module) -> dict[str, torch.Tensor]:
     ``preserve = sum |W dW_i^T|_1``, ``diverse = sum_{i<j} |dW_i dW_j^T|_1`` with
     ``dW_i = B_i A_i`` and ``W`` the frozen rows of the slice.
     """
-    sites = _sites(model)
+    sites = S.owned(model, PREFIX)
     if not sites:
         raise AdapterError("no PEGO modules in this model (apply() first, or already merged)")
     device = sites[0].weight.device
     preserve = torch.zeros((), device=device)
     diverse = torch.zeros((), device=device)
     with torch.autocast(device_type=device.type, enabled=False):
-        for module in sites:
-            for role, start, stop in module.pego_slices:
-                a, b = (t.float() for t in _factors(module, role))
-                w = module.weight[start:stop].detach().float()               # (d_out, d_in)
-                wa = torch.einsum("od,nrd->nor", w, a)                       # W A_i^T
-                preserve = preserve + (wa @ b.transpose(1, 2)).abs().sum()   # W (B_i A_i)^T
-                n = a.shape[0]
-                if n > 1:
-                    i, j = torch.triu_indices(n, n, 1, device=a.device)
-                    gram = a[i] @ a[j].transpose(1, 2)                       # A_i A_j^T (r x r)
-                    diverse = diverse + (b[i] @ gram @ b[j].transpose(1, 2)).abs().sum()
+        for site in sites:
+            a, b = (t.float() for t in _factors(site))
+            w = site.weight.detach().float()                             # (d_out, d_in)
+            wa = torch.einsum("od,nrd->nor", w, a)                       # W A_i^T
+            preserve = preserve + (wa @ b.transpose(1, 2)).abs().sum()   # W (B_i A_i)^T
+            n = a.shape[0]
+            if n > 1:
+                i, j = torch.triu_indices(n, n, 1, device=a.device)
+                gram = a[i] @ a[j].transpose(1, 2)                       # A_i A_j^T (r x r)
+                diverse = diverse + (b[i] @ gram @ b[j].transpose(1, 2)).abs().sum()
     return {"preserve": preserve, "diverse": diverse}
 
 
@@ -176,24 +175,14 @@ class PEGO(Method):
 
     def apply(self, backbone: Backbone) -> None:
         n, r = self.num_modules, self.r
-        for i in range(backbone.num_blocks):
-            for role in self.targets:
-                target = backbone.linear(i, role)
-                if isinstance(target, PackedSlice):
-                    module, start, stop = target.linear, target.start, target.stop
-                else:
-                    module, start, stop = target, 0, target.out_features
-                ref = module.weight
-                a = torch.empty(n, r, module.in_features, dtype=torch.float32, device=ref.device)
-                for k in range(n):  # per module, as nn.Linear(d_in, r): bound 1/sqrt(d_in)
-                    nn.init.kaiming_uniform_(a[k], a=math.sqrt(5))
-                b = torch.zeros(n, stop - start, r, dtype=torch.float32, device=ref.device)
-                module.register_parameter(f"pego_{role}_A", nn.Parameter(a))
-                module.register_parameter(f"pego_{role}_B", nn.Parameter(b))
-                if not hasattr(module, "pego_slices"):
-                    module.pego_slices = ()
-                    module.register_forward_hook(_pego_hook)
-                module.pego_slices = module.pego_slices + ((role, start, stop),)
+        for site in S.select(backbone, self.targets, method=self.name):
+            ref = site.weight
+            a = torch.empty(n, r, site.in_features, dtype=torch.float32, device=ref.device)
+            for k in range(n):  # per module, as nn.Linear(d_in, r): bound 1/sqrt(d_in)
+                nn.init.kaiming_uniform_(a[k], a=math.sqrt(5))
+            b = torch.zeros(n, site.out_features, r, dtype=torch.float32, device=ref.device)
+            names = (site.add_tensor(PREFIX, "A", nn.Parameter(a)), site.add_tensor(PREFIX, "B", nn.Parameter(b)))
+            site.add_branch(PREFIX, partial(_branch, names), delta=partial(_delta, names))
         self.freeze_and_mark(backbone)
         self.applied = True
 
@@ -203,16 +192,6 @@ class PEGO(Method):
         terms = orthogonality_terms(outputs["task"].backbone.model)
         return {"pego_orth": self.orth_weight * (terms["preserve"] + terms["diverse"])}
 
-    @torch.no_grad()
     def merge(self, backbone: Backbone) -> None:
-        for module in _sites(backbone.model):
-            for role, start, stop in module.pego_slices:
-                a, b = _factors(module, role)
-                delta = torch.einsum("nor,nrd->od", b.float(), a.float())  # sum_i B_i A_i
-                module.weight[start:stop] += delta.to(module.weight.dtype)
-                delattr(module, f"pego_{role}_A")
-                delattr(module, f"pego_{role}_B")
-            for key in [k for k, fn in module._forward_hooks.items() if fn is _pego_hook]:
-                del module._forward_hooks[key]
-            del module.pego_slices
+        S.merge_all(backbone.model, PREFIX)
         self.merged = True

@@ -30,8 +30,10 @@ low-rank factors through a non-linear kernel instead of LoRA's inner product:
   That is the method's memory saving over masked sparse tuning.
 
 q, k and v each get their own ``A``, ``B`` and their own top-(1-s) selection (the code
-uses separate q/k/v linears); here they are row slices of timm's fused ``qkv`` and each
-update is added to its rows only. In eval mode ``W' = W + dW`` exactly, so
+uses separate q/k/v linears, each with its own dropout draw); here they are sites
+(:mod:`vision_ft.methods.sites`): row slices of timm's fused ``qkv`` (or open_clip's packed
+``in_proj_weight``), each update with its own dropout and drop-path draw, added to its rows
+only. In eval mode ``W' = W + dW`` exactly, so
 :meth:`SNELL.merge` folds the update into the weights (zero inference overhead).
 
 On ViT-B/16 with r = 8 on q,k,v,proj,fc1,fc2 of the 12 blocks:
@@ -68,11 +70,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..backbones import Backbone
-from ..backbones.base import PackedSlice
+from typing import TYPE_CHECKING
+
 from ..errors import ConfigError
+from . import sites as S
 from .base import Method
 from .registry import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
 
 _ROLES = ("q", "k", "v", "proj", "fc1", "fc2")
 _KEY = "model.init_args.method.init_args"
@@ -80,9 +86,8 @@ _KEY = "model.init_args.method.init_args"
 
 @dataclass(frozen=True)
 class _Settings:
-    """What the forward hook needs; stored on each adapted linear as ``snell_settings``."""
+    """What one site's update needs (bound to its branch)."""
 
-    slices: tuple[tuple[str, int, int], ...]  # (parameter suffix, first row, last row + 1)
     kernel_scale: float
     sparsity: float
     magnitude_weighting: bool
@@ -122,44 +127,35 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float, sparsity: float
     return sparsify(kernel_matrix(a, b, scale), sparsity, magnitude_weighting).t()
 
 
-def _packed_delta(module: nn.Linear, cfg: _Settings) -> torch.Tensor:
-    """All of the module's updates as one (out_features, in_features) matrix (zeros elsewhere)."""
-    rows, cursor = [], 0
-    ref = module.weight
-    for suffix, start, stop in cfg.slices:
-        if start > cursor:
-            rows.append(ref.new_zeros(start - cursor, module.in_features))
-        a, b = getattr(module, f"snell_A{suffix}"), getattr(module, f"snell_B{suffix}")
-        rows.append(delta_weight(a, b, cfg.kernel_scale, cfg.sparsity, cfg.magnitude_weighting))
-        cursor = stop
-    if cursor < module.out_features:
-        rows.append(ref.new_zeros(module.out_features - cursor, module.in_features))
-    return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
+def _site_delta(cfg: _Settings, names: tuple[str, str], host: nn.Module) -> torch.Tensor:
+    """One site's (eval-mode) update as a dense (rows, in) matrix."""
+    a, b = getattr(host, names[0]), getattr(host, names[1])
+    return delta_weight(a, b, cfg.kernel_scale, cfg.sparsity, cfg.magnitude_weighting)
 
 
-def _delta_forward(x: torch.Tensor, module: nn.Linear, cfg: _Settings) -> torch.Tensor:
-    return F.linear(x, _packed_delta(module, cfg).to(x.dtype))
+def _delta_forward(x: torch.Tensor, host: nn.Module, names: tuple[str, str], cfg: _Settings) -> torch.Tensor:
+    return F.linear(x, _site_delta(cfg, names, host).to(x.dtype))
 
 
-def _snell_hook(module: nn.Linear, args, output: torch.Tensor) -> torch.Tensor:
-    cfg: _Settings = module.snell_settings
-    x = args[0]
+def _branch(cfg: _Settings, names: tuple[str, str], host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``DropPath(dW Dropout(x))``, ``dW`` recomputed in backward when ``recompute``."""
     if cfg.dropout > 0:
-        x = F.dropout(x, cfg.dropout, module.training)
-    fn = partial(_delta_forward, module=module, cfg=cfg)
+        x = F.dropout(x, cfg.dropout, host.training)
+    fn = partial(_delta_forward, host=host, names=names, cfg=cfg)
     if cfg.recompute and torch.is_grad_enabled():
         # non-reentrant: A and B (read from the module) get gradients even if x needs none
         delta = checkpoint(fn, x, use_reentrant=False)
     else:
         delta = fn(x)
-    if cfg.drop_path > 0 and module.training:
+    if cfg.drop_path > 0 and host.training:  # one DropPath per update, as the code's TuningModule
         keep = 1.0 - cfg.drop_path
-        scale = delta.new_ones(delta.shape[0], delta.shape[-1])
-        for _, start, stop in cfg.slices:  # one DropPath per update, as the code's TuningModule
-            m = delta.new_empty(delta.shape[0], 1).bernoulli_(keep).div_(keep)
-            scale[:, start:stop] = m
-        delta = delta * scale.view(delta.shape[0], *([1] * (delta.ndim - 2)), delta.shape[-1])
-    return output + delta
+        mask = delta.new_empty(delta.shape[0], *([1] * (delta.ndim - 1))).bernoulli_(keep).div_(keep)
+        delta = delta * mask
+    return delta
+
+
+def _exact(cfg: _Settings, host: nn.Module) -> bool:
+    return not host.training or (cfg.dropout == 0 and cfg.drop_path == 0)
 
 
 # --- the method --------------------------------------------------------------------------
@@ -221,67 +217,45 @@ class SNELL(Method):
         self.dropout, self.drop_path, self.recompute = dropout, drop_path, recompute
 
     # --- placement ----------------------------------------------------------------------
-    def sites(self, backbone: Backbone) -> list[tuple[nn.Linear, tuple[tuple[str, int, int], ...]]]:
-        """Each adapted linear with its (suffix, start, stop) row slices, in forward order."""
-        blocks = range(backbone.num_blocks) if self.blocks is None else self.blocks
-        out: list[tuple[nn.Linear, list[tuple[str, int, int]]]] = []
-        for i in blocks:
-            if not 0 <= i < backbone.num_blocks:
-                raise ConfigError(f"{_KEY}.blocks: block {i} out of range (0..{backbone.num_blocks - 1})")
-            for role in _ROLES:
-                if role not in self.targets:
-                    continue
-                lin = backbone.linear(i, role)
-                if isinstance(lin, PackedSlice):
-                    entry = (f"_{role}", lin.start, lin.stop)
-                    lin = lin.linear
-                else:
-                    entry = ("", 0, lin.out_features)
-                for module, slices in out:
-                    if module is lin:
-                        slices.append(entry)
-                        break
-                else:
-                    out.append((lin, [entry]))
-        return [(m, tuple(sorted(s, key=lambda e: e[1]))) for m, s in out]
+    def sites(self, backbone: Backbone) -> list[S.Site]:
+        """The adapted weights (q, k, v as rows of a fused or packed projection where the backbone has one)."""
+        return S.select(backbone, [r for r in _ROLES if r in self.targets], self.blocks, method=self.name)
+
+    def settings(self) -> _Settings:
+        return _Settings(kernel_scale=self.kernel_scale, sparsity=self.sparsity,
+                         magnitude_weighting=self.magnitude_weighting, dropout=self.dropout,
+                         drop_path=self.drop_path, recompute=self.recompute)
 
     def apply(self, backbone: Backbone) -> None:
-        for lin, slices in self.sites(backbone):
-            ref = lin.weight
-            for suffix, start, stop in slices:
-                a = torch.empty(2, lin.in_features, self.r // 2, dtype=ref.dtype, device=ref.device)
-                b = torch.empty(2, stop - start, self.r // 2, dtype=ref.dtype, device=ref.device)
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # official In_Qs / Out_Qs init
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-                lin.register_parameter(f"snell_A{suffix}", nn.Parameter(a))
-                lin.register_parameter(f"snell_B{suffix}", nn.Parameter(b))
-            lin.snell_settings = _Settings(
-                slices=slices, kernel_scale=self.kernel_scale, sparsity=self.sparsity,
-                magnitude_weighting=self.magnitude_weighting, dropout=self.dropout,
-                drop_path=self.drop_path, recompute=self.recompute,
-            )
-            lin.register_forward_hook(_snell_hook)
+        cfg = self.settings()
+        for site in self.sites(backbone):
+            ref = site.weight
+            a = torch.empty(2, site.in_features, self.r // 2, dtype=ref.dtype, device=ref.device)
+            b = torch.empty(2, site.out_features, self.r // 2, dtype=ref.dtype, device=ref.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # official In_Qs / Out_Qs init
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            names = (site.add_tensor(self.prefix, "A", nn.Parameter(a)),
+                     site.add_tensor(self.prefix, "B", nn.Parameter(b)))
+            site.add_branch(self.prefix, partial(_branch, cfg, names), delta=partial(_site_delta, cfg, names),
+                            exact=partial(_exact, cfg))
         self.freeze_and_mark(backbone)
         self.applied = True
 
     # --- inspection and merge ----------------------------------------------------------
-    @staticmethod
-    def delta(module: nn.Linear) -> torch.Tensor:
-        """The module's current (eval-mode) update as a dense (out, in) matrix."""
-        return _packed_delta(module, module.snell_settings)
+    def delta(self, module: nn.Module) -> torch.Tensor:
+        """The adapted module's current (eval-mode) update as one dense (out, in) matrix: each of its
+        sites' ``dW`` in its rows, zeros elsewhere (e.g. the k rows of a fused qkv adapted on q, v)."""
+        cfg, weight = self.settings(), module.weight
+        out = torch.zeros_like(weight)
+        for site in S.on_module(module, self.prefix):
+            names = (site.tensor_name(self.prefix, "A"), site.tensor_name(self.prefix, "B"))
+            out[site.start:site.stop] = _site_delta(cfg, names, module).to(out.dtype)
+        return out
 
-    def adapted_modules(self, backbone: Backbone) -> list[nn.Linear]:
-        return [m for m in backbone.model.modules() if hasattr(m, "snell_settings")]
+    def adapted_modules(self, backbone: Backbone) -> list[nn.Module]:
+        """The modules holding SNELL factors, in module order."""
+        return [m for m in backbone.model.modules() if S.on_module(m, self.prefix)]
 
-    @torch.no_grad()
     def merge(self, backbone: Backbone) -> None:
-        for lin in self.adapted_modules(backbone):
-            cfg: _Settings = lin.snell_settings
-            lin.weight.add_(self.delta(lin).to(lin.weight.dtype))
-            for key in [k for k, fn in lin._forward_hooks.items() if fn is _snell_hook]:
-                del lin._forward_hooks[key]
-            for suffix, _, _ in cfg.slices:
-                delattr(lin, f"snell_A{suffix}")
-                delattr(lin, f"snell_B{suffix}")
-            del lin.snell_settings
+        S.merge_all(backbone.model, self.prefix)
         self.merged = True

@@ -7,39 +7,28 @@ position embedding) and after the final norm. On ViT-B/16 that is
 ``2 * (768 + 2304 + 768 + 768 + 3072 + 768) * 12 + 2 * 2 * 768 = 205,824``
 trainable parameters, head excluded.
 
-Each site is an existing module of the backbone; the factors are registered on
-it as ``ssf_scale`` / ``ssf_shift`` and applied by a forward hook, so the model
-keeps its type and state-dict names. :meth:`SSF.merge` folds them into the
-preceding Linear / LayerNorm / Conv2d exactly (the official code has no merge):
-``W' = diag(gamma) W``, ``b' = gamma * b + beta``.
+Each place is a site (:mod:`vision_ft.methods.sites`) of the backbone; the factors
+are registered on the module owning the weight as ``ssf_scale`` / ``ssf_shift``
+and applied to its output by the site layer, so the model keeps its type and
+state-dict names (on open_clip, whose attention reads its packed ``in_proj_weight``
+directly, the scale and shift act through the effective weight). :meth:`SSF.merge`
+folds them into the preceding Linear / LayerNorm / Conv2d exactly (the official
+code has no merge): ``W' = diag(gamma) W``, ``b' = gamma * b + beta``.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from ..errors import AdapterError
+from . import sites as S
 from .base import Method
 from .registry import register
 
-
-def _ssf_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    scale, shift = module.ssf_scale, module.ssf_shift
-    if isinstance(module, nn.Conv2d):  # channels on dim 1
-        return output * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    return output * scale + shift
-
-
-def _out_channels(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, nn.Conv2d):
-        return module.out_channels
-    if isinstance(module, nn.LayerNorm):
-        return module.normalized_shape[-1]
-    raise AdapterError(f"SSF cannot be placed after a {type(module).__name__}")
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
 
 
 @register
@@ -60,50 +49,31 @@ class SSF(Method):
         self.init_std = init_std
 
     @staticmethod
-    def sites(backbone: Backbone) -> list[nn.Module]:
-        """The modules whose outputs SSF scales and shifts, in forward order."""
-        out: list[nn.Module] = [backbone.stem()]
+    def sites(backbone: Backbone) -> list[S.Site]:
+        """The places whose outputs SSF scales and shifts, in forward order."""
+        out = [S.of_module(backbone, backbone.stem(), "stem")]
         for i in range(backbone.num_blocks):
             norms = backbone.norms(i)
-            out += [norms["norm1"], backbone.linear(i, "qkv"), backbone.linear(i, "proj"),
-                    norms["norm2"], backbone.linear(i, "fc1"), backbone.linear(i, "fc2")]
-        out.append(backbone.final_norm())
+            out += [S.of_module(backbone, norms["norm1"], "norm1", i), S.at(backbone, i, "qkv"),
+                    S.at(backbone, i, "proj"), S.of_module(backbone, norms["norm2"], "norm2", i),
+                    S.at(backbone, i, "fc1"), S.at(backbone, i, "fc2")]
+        out.append(S.of_module(backbone, backbone.final_norm(), "final_norm"))
         return out
 
     def apply(self, backbone: Backbone) -> None:
-        for module in self.sites(backbone):
-            c = _out_channels(module)
-            ref = next(module.parameters())
+        for site in self.sites(backbone):
+            ref = site.weight
+            c = site.out_features
             scale = torch.ones(c, dtype=ref.dtype, device=ref.device)
             shift = torch.zeros(c, dtype=ref.dtype, device=ref.device)
             if self.init_std > 0:
                 nn.init.normal_(scale, 1.0, self.init_std)
                 nn.init.normal_(shift, 0.0, self.init_std)
-            module.register_parameter("ssf_scale", nn.Parameter(scale))
-            module.register_parameter("ssf_shift", nn.Parameter(shift))
-            module.register_forward_hook(_ssf_hook)
+            site.add_scale_shift(self.prefix, scale=site.add_tensor(self.prefix, "scale", nn.Parameter(scale)),
+                                 shift=site.add_tensor(self.prefix, "shift", nn.Parameter(shift)))
         self.freeze_and_mark(backbone)
         self.applied = True
 
-    @torch.no_grad()
     def merge(self, backbone: Backbone) -> None:
-        for module in self.sites(backbone):
-            if not hasattr(module, "ssf_scale"):
-                continue
-            scale, shift = module.ssf_scale.detach(), module.ssf_shift.detach()
-            weight = module.weight
-            if isinstance(module, nn.Conv2d):
-                weight.mul_(scale.view(-1, 1, 1, 1))
-            elif isinstance(module, nn.Linear):
-                weight.mul_(scale.view(-1, 1))
-            else:  # LayerNorm: gamma * (w * xhat + b) + beta
-                weight.mul_(scale)
-            if module.bias is None:
-                module.bias = nn.Parameter(shift.clone(), requires_grad=False)
-            else:
-                module.bias.mul_(scale).add_(shift)
-            for key in [k for k, fn in module._forward_hooks.items() if fn is _ssf_hook]:
-                del module._forward_hooks[key]
-            del module.ssf_scale
-            del module.ssf_shift
+        S.merge_all(backbone.model, self.prefix)
         self.merged = True
