@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vision_ft.data.domains import DomainFolderData, write_domain_sample
+from vision_ft.data.domain_generalisation import DomainFolderData, write_domain_sample
 from vision_ft.errors import ConfigError, DataError
 from vision_ft.metrics import PerDomainAccuracy
 

@@ -1,10 +1,11 @@
 """Data modules for the formats people already have.
 
 - :class:`ClassificationData`: the shared base (batches, splits, few-shot, corrupt policy).
+- :class:`Samples` (:class:`FileSamples`, :class:`ArraySamples`): labelled images the datamodules index.
 - :class:`ImageFolderData`: ``root/<split>/<class>/<image>``.
 - :class:`CSVManifestData`: ``path,label`` CSV manifests.
 - :class:`MedMNISTData`: MedMNIST-style ``.npz`` arrays (single- or multi-label).
-- :class:`DomainFolderData`: ``root/<domain>/<class>/<image>``, leave-one-domain-out.
+- :class:`DomainFolderData`: ``root/<domain>/<class>/<image>``, leave-one-domain-out (domain generalisation).
 - :class:`FewShotSplit`: CoOp-style k-shot draws written to and reused from JSON.
 - :class:`VideoClipData`: videos with per-frame labels, causal clips, split by video (PyAV).
 - :class:`COCODetectionData`: COCO ``instances_*.json`` + images for detection (ids remapped, box-safe augmentation).
@@ -13,12 +14,12 @@
 
 from .base import ClassificationData, EpochShuffleSampler, ResumableDataLoader, train_loader
 from .coco import CategoryMap, COCODetectionData, coco_to_cxcywh, cxcywh_to_coco
-from .domains import DomainFolderData, write_domain_sample
+from .domain_generalisation import DomainFolderData, write_domain_sample
 from .few_shot import FewShotSplit, sample_indices
 from .folder import CSVManifestData, ImageFolderData
+from .labelled_images import ArraySamples, FileSamples, ImageDataset, Samples, to_tensor
 from .npz import MedMNISTData, npz_headers
 from .ood import OODData, OODTestSet, list_images, write_ood_sample
-from .samples import ArraySamples, FileSamples, ImageDataset, Samples, to_tensor
 from .video import (
     ClipDataset, ImageFrames, LabelledVideo, VideoClipData, VideoFrames, clip_indices, decode_video,
     extract_frames, split_videos, write_video,

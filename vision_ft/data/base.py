@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import ConfigError, DataError
 from .few_shot import FewShotSplit
-from .samples import ImageDataset, Samples
+from .labelled_images import ImageDataset, Samples
 
 log = logging.getLogger("vision_ft")
 

@@ -15,7 +15,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from ..errors import DataError
 from .base import ClassificationData
-from .samples import FileSamples
+from .labelled_images import FileSamples
 
 log = logging.getLogger("vision_ft")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import DataError
 from .base import SPLITS, ClassificationData
-from .samples import ArraySamples
+from .labelled_images import ArraySamples
 
 
 def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -40,7 +40,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from ..errors import ConfigError, DataError
 from ..io import atomic_dir
 from .base import ClassificationData, loader_generator
-from .samples import FileSamples, ImageDataset
+from .labelled_images import FileSamples, ImageDataset
 
 log = logging.getLogger("vision_ft")
 

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from .base import SplitLoaders
-from .samples import pil_to_array, to_tensor
+from .labelled_images import pil_to_array, to_tensor
 
 log = logging.getLogger("vision_ft")
 

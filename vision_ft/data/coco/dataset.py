@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ...errors import DataError
-from ..samples import pil_to_array
+from ..labelled_images import pil_to_array
 from .boxes import coco_to_cxcywh
 from .categories import CategoryMap
 

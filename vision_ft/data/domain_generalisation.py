@@ -28,7 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from ..errors import ConfigError, DataError
 from .base import ClassificationData
-from .samples import FileSamples, ImageDataset
+from .labelled_images import FileSamples, ImageDataset
 
 log = logging.getLogger("vision_ft")
 
@@ -309,7 +309,7 @@ def write_domain_sample(root: str | Path, domains: Sequence[str] = ("photo", "sk
     return root
 
 
-if __name__ == "__main__":  # python -m vision_ft.data.domains OUT_DIR [--per-class N] [--size S] [--seed K]
+if __name__ == "__main__":  # python -m vision_ft.data.domain_generalisation OUT [--per-class N] [--size S] [--seed K]
     import argparse
 
     parser = argparse.ArgumentParser(description=write_domain_sample.__doc__.splitlines()[0])
