@@ -75,6 +75,17 @@ class Backbone(nn.Module):
         that role raises :class:`~vision_ft.errors.ConfigError` saying why (e.g. no fused ``qkv``)."""
         raise NotImplementedError
 
+    def module_ref(self, module: nn.Module) -> WeightRef:
+        """Where the weight of a whole module of ``self.model`` lives (a norm, the stem convolution)."""
+        from ..errors import ConfigError
+
+        for name, m in self.model.named_modules():
+            if m is module:
+                if not isinstance(getattr(m, "weight", None), torch.Tensor):
+                    raise ConfigError(f"{name} ({type(m).__name__}) has no weight to adapt")
+                return WeightRef(name, "weight", "bias" if "bias" in m._parameters else None)
+        raise ConfigError(f"{type(module).__name__} is not a module of this backbone")
+
     # --- towers (two-tower backbones override) --------------------------------------------
     def tower_names(self) -> list[str]:
         """The towers whose blocks ``blocks`` lists (``[]``: a single-tower model)."""

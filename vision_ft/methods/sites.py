@@ -326,17 +326,8 @@ def at(backbone: Backbone, block: int, role: str) -> Site:
 
 def of_module(backbone: Backbone, module: nn.Module, role: str, block: int | None = None) -> Site:
     """A whole-module site (a norm, the stem convolution, the final norm)."""
-    from ..backbones.base import WeightRef
-
-    for name, m in backbone.model.named_modules():
-        if m is module:
-            has_bias = isinstance(getattr(m, "bias", None), (nn.Parameter, torch.Tensor)) or "bias" in m._parameters
-            if getattr(m, "weight", None) is None:
-                raise ConfigError(f"{name} ({type(m).__name__}) has no weight to adapt")
-            ref = WeightRef(name, "weight", "bias" if has_bias else None)
-            tower = backbone.tower(block) if block is not None and block >= 0 else None
-            return Site(backbone.model, ref, role, block, tower)
-    raise ConfigError(f"{type(module).__name__} is not a module of this backbone")
+    tower = backbone.tower(block) if block is not None and block >= 0 else None
+    return Site(backbone.model, backbone.module_ref(module), role, block, tower)
 
 
 def owned(model: nn.Module, prefix: str) -> list[Site]:
@@ -424,9 +415,13 @@ def _transform(host: nn.Module, ups: list[_Update], x: torch.Tensor, y: torch.Te
     return y
 
 
+#: modules whose output channels are on dim 1
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
 def _output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     ups = _state(module).updates
-    dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+    dim = 1 if isinstance(module, _CHANNELS_FIRST) else -1
     return _transform(module, ups, args[0], output, dim)
 
 

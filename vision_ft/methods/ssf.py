@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..errors import VisionFTError
 from . import sites as S
 from .base import Method
 from .registry import register
@@ -50,11 +51,17 @@ class SSF(Method):
 
     @staticmethod
     def sites(backbone: Backbone) -> list[S.Site]:
-        """The places whose outputs SSF scales and shifts, in forward order."""
+        """The places whose outputs SSF scales and shifts, in forward order. Where the attention has
+        separate q, k, v projections (transformers, diffusers) the qkv scale/shift is theirs: the
+        same ``3d`` factors on the same outputs as on a fused ``qkv``."""
         out = [S.of_module(backbone, backbone.stem(), "stem")]
         for i in range(backbone.num_blocks):
             norms = backbone.norms(i)
-            out += [S.of_module(backbone, norms["norm1"], "norm1", i), S.at(backbone, i, "qkv"),
+            try:
+                qkv = [S.at(backbone, i, "qkv")]
+            except VisionFTError:  # no fused projection: the backbone said so
+                qkv = [S.at(backbone, i, r) for r in ("q", "k", "v")]
+            out += [S.of_module(backbone, norms["norm1"], "norm1", i), *qkv,
                     S.at(backbone, i, "proj"), S.of_module(backbone, norms["norm2"], "norm2", i),
                     S.at(backbone, i, "fc1"), S.at(backbone, i, "fc2")]
         out.append(S.of_module(backbone, backbone.final_norm(), "final_norm"))
