@@ -26,8 +26,8 @@ def test_only_declared_parameters_are_trainable(name):
     method = task.method
     names = {n for n, p in task.backbone.model.named_parameters() if p.requires_grad}
     assert names == {n for n, _ in task.backbone.model.named_parameters() if method.is_trainable(n)}
-    if getattr(method, "trains_base_weights", False):  # full FT + frozen prefixed state (dr_tune)
-        assert names and not any(method.prefix in n for n in names)
+    if method.trains_base_weights:  # full FT; dr_tune's prefixed tensors are frozen state
+        assert names and not any(method.is_own(n) for n in names)
     elif method.prefix:
         assert names and all(method.prefix in n for n in names)
     assert all(p.requires_grad for p in task.head.parameters())

@@ -1,8 +1,11 @@
-"""Reference rows every comparison needs: linear probe and full fine-tuning."""
+"""Reference rows every comparison needs: linear probe and full fine-tuning.
+
+Neither adds a tensor (empty ``prefix``); they differ only in the trainability flag the base
+:class:`~vision_ft.methods.base.Method` reads: the probe trains no base weight, full
+fine-tuning trains all of them (``trains_base_weights``).
+"""
 
 from __future__ import annotations
-
-import torch
 
 from ..backbones import Backbone
 from .base import Method
@@ -15,7 +18,8 @@ class LinearProbe(Method):
 
     Anchor (METHODS.md): FGVC 79.3 / VTAB group mean 57.6 on ViT-B/16 in21k.
     Nothing is added to the backbone, so there is nothing to merge and the
-    output is the base model's at init.
+    output is the base model's at init. A task with its own policy for the base
+    model (detection's ``freeze``) decides alone what else trains.
     """
 
     name = "linear"
@@ -39,32 +43,32 @@ class FullFineTuning(Method):
     """Full fine-tuning: every backbone parameter trains.
 
     Anchor (METHODS.md): FGVC 88.5 / VTAB group 69.0, 85.8M parameters on ViT-B/16.
-    The adapter is the whole backbone state dict; "merge" is the identity.
+    The adapter is the whole backbone state dict; "merge" is the identity. No weight
+    decay on 1-D tensors and on what the backbone names (position embeddings, class
+    tokens: ``Backbone.no_decay_parameter_names``).
 
     Args:
-        train_patch_embed: also train the patch embedding (default true).
+        train_patch_embed: also train the patch embedding, the backbone's stem
+            (``Backbone.stem_parameter_names``; default true).
     """
 
     name = "full"
     prefix = ""
     mergeable = True
     zero_init = True
+    trains_base_weights = True
 
     def __init__(self, train_patch_embed: bool = True) -> None:
         self.train_patch_embed = train_patch_embed
-
-    def is_trainable(self, name: str) -> bool:
-        return self.train_patch_embed or not name.startswith("patch_embed.")
 
     def is_saved(self, name: str) -> bool:
         return True
 
     def apply(self, backbone: Backbone) -> None:
+        if not self.train_patch_embed:
+            self.frozen_base_weights = frozenset(backbone.stem_parameter_names())
         self.freeze_and_mark(backbone)
         self.applied = True
 
     def merge(self, backbone: Backbone) -> None:
         self.merged = True
-
-    def no_weight_decay(self, name: str, param: torch.nn.Parameter) -> bool:
-        return param.ndim <= 1 or name in ("cls_token", "pos_embed", "reg_token")

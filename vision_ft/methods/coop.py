@@ -13,7 +13,8 @@ batch 32, 200 epochs (16 shots), cosine, 1 warm-up epoch at constant lr 1e-5.
 On ViT-B/16 (text width 512) the unified context has ``16 * 512 = 8,192`` parameters.
 
 The context is the parameter ``coop_ctx`` on the backbone's root model (``(M, width)``, or
-``(K, M, width)`` class-specific, ``K`` from the task's class names). CoOp cannot be merged into the
+``(K, M, width)`` class-specific, ``K`` from the class names the task passes to
+:meth:`~vision_ft.methods.base.Method.set_class_names` before ``apply``). CoOp cannot be merged into the
 encoder weights (it changes the text encoder's input, not a weight); at inference the K class
 features are computed once (the CLIP task caches them per evaluation), so the unmerged cost is one
 text-encoder pass over K prompts, the same as zero-shot CLIP.
@@ -53,6 +54,8 @@ class CoOp(Method):
     zero_init = False  # the learned context replaces the hand-crafted prompt
     #: needs a CLIP backbone with a text tower (the registry-wide contract on a timm ViT skips it)
     requires_text_tower = True
+    #: the learned prompts replace the CLIP task's template head (:meth:`class_text_features`)
+    provides_text_features = True
 
     def __init__(
         self,
@@ -90,7 +93,7 @@ class CoOp(Method):
             init = torch.empty(self.n_ctx, width, dtype=dtype, device=device)
             nn.init.normal_(init, std=self.init_std)
         if self.class_specific:
-            names = getattr(backbone, "class_names", None)
+            names = self.class_names
             if not names:
                 raise ConfigError("coop class_specific=true needs the task's class names "
                                   "(use vision_ft.tasks.clip_classification.CLIPClassificationTask)")
@@ -113,8 +116,9 @@ class CoOp(Method):
             self._tokens[key] = (tokens, [backbone.count_tokens(n) for n in clean])
         return self._tokens[key]
 
-    def class_text_features(self, backbone: Backbone, names: list[str]) -> torch.Tensor:
-        """Text features (len(names), D) of the learned prompts, not normalised."""
+    def class_text_features(self, backbone: Backbone, class_names: list[str]) -> torch.Tensor:
+        """Text features (len(class_names), D) of the learned prompts, not normalised."""
+        names = class_names
         ctx = backbone.model.coop_ctx
         tokens, name_lens = self._prompt_tokens(backbone, names)
         tokens = tokens.to(ctx.device)

@@ -67,8 +67,8 @@ method as described in the paper):
   first training steps fill the queue).
 - Under DDP the batch is all-gathered before it is enqueued (as MoCo does), so
   every rank holds the same queue of global batches.
-- Weight decay follows the kit (none on 1-D tensors, cls/pos tokens), the official
-  recipe decays every tensor with 1e-4.
+- Weight decay follows the kit (none on 1-D tensors and on the position embeddings
+  / class tokens the backbone names), the official recipe decays every tensor with 1e-4.
 - The batch term is the task's own loss (its head dropout and label smoothing
   included); the queue term applies ``h`` without dropout (the official head has
   none) and the task's loss (label smoothing included). Single-label only.
@@ -94,7 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError, ConfigError
-from .base import Method, has_prefix, run_device
+from .base import Method, run_device
 from .registry import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -215,9 +215,10 @@ class DRTune(Method):
     prefix = "drtune_"
     mergeable = True   # merge = drop the frozen copy and the queues: the plain timm model
     zero_init = True   # full fine-tuning starts at the base model
-    #: trains the base weights themselves (its prefixed tensors are the frozen state);
-    #: read by the contract test, which otherwise expects only prefixed tensors to train
+    #: full fine-tuning: the base weights train; the prefixed tensors (frozen copy f_0, queues)
+    #: are state and never train
     trains_base_weights = True
+    trains_own_tensors = False
 
     def __init__(self, queue_size: int = 2048, rotation_every: int = 10, prefill: bool = True,
                  seed: int = 0) -> None:
@@ -231,17 +232,16 @@ class DRTune(Method):
         self.prefill = bool(prefill)
         self.seed = int(seed)
 
-    # --- what trains / is saved -----------------------------------------------------------
-    def is_trainable(self, name: str) -> bool:
-        """Every backbone parameter except those of the frozen copy."""
-        return not has_prefix(name, self.prefix)
+    @property
+    def needs_image_classification_task(self) -> bool:
+        """The queue term reads ``batch["label"]``, pooled ``features``, one normalised image per row
+        in ``inputs`` and the task's linear ``head``; :meth:`prepare` reads image batches."""
+        return True
 
+    # --- what is saved (trainability: the base rule with the two flags above) -------------
     def is_saved(self, name: str) -> bool:
         """The whole fine-tuned backbone plus the queues, not the frozen copy."""
         return not (name == FROZEN or name.startswith(FROZEN + "."))
-
-    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        return param.ndim <= 1 or name in ("cls_token", "pos_embed", "reg_token")
 
     # --- life cycle -----------------------------------------------------------------------
     def apply(self, backbone: Backbone) -> None:

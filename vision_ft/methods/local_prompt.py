@@ -60,7 +60,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,8 +218,8 @@ class _CoOpView:
     """The backbone as a CoOp instance sees it, with ``model`` = our frozen holder of its context, so
     CoOp's own prompt assembly (class-token position, class-specific lookup) serves the global prompts."""
 
-    def __init__(self, backbone: Backbone, holder: nn.Module, class_names: list[str]) -> None:
-        self._backbone, self.model, self.class_names = backbone, holder, list(class_names)
+    def __init__(self, backbone: Backbone, holder: nn.Module) -> None:
+        self._backbone, self.model = backbone, holder
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "_backbone":  # copy/pickle probes before __init__ state exists
@@ -256,10 +255,11 @@ def read_coop_run(path: str) -> tuple[dict[str, Any], list[str], torch.Tensor]:
 class LocalPrompt(Method):
     """Local-Prompt: per-class local prompts + negative local prompts on regional CLIP features.
 
-    Hooks the CLIP OOD task calls: :meth:`training_loss` (the full loss, crops included),
-    :meth:`ood_scores` (``mcm``, ``regional``, ``mcm+regional``; higher = ID) and :meth:`id_logits`
-    (the official ID classifier). Under the plain CLIP classification task :meth:`adjust_loss` replaces
-    its cross-entropy (on frozen features, no gradient) by :meth:`training_loss`.
+    Hooks the CLIP tasks call (declared on :class:`~vision_ft.methods.base.Method`):
+    :meth:`training_loss` (the full loss, crops included; it replaces the task's cross-entropy, which
+    would have no gradient here), :meth:`ood_scores` (``mcm``, ``regional``, ``mcm+regional``; higher
+    = ID) and :meth:`id_logits` (the official ID classifier), the last two in the OOD task. The local
+    prompts are sized from the class names the task passes to ``set_class_names``.
 
     Defaults are the official recipe (AuroraZengfh/Local-Prompt: ``train.py`` argument defaults,
     ``scripts/train.sh`` / ``eval.sh`` and the README's ImageNet-1k commands, ``trainers/localprompt.py``;
@@ -339,7 +339,6 @@ class LocalPrompt(Method):
         self._coop: CoOp | None = None
         self._coop_view: _CoOpView | None = None
         self._cache: dict[Any, Any] = {}
-        self._last_loss: Any = None
         #: the last training loss's terms (detached), for logging by the task
         self.last_terms: dict[str, float] = {}
 
@@ -352,11 +351,11 @@ class LocalPrompt(Method):
         if not hasattr(backbone, "dense_features"):
             raise ConfigError(f"local_prompt needs per-patch CLIP features: {type(backbone).__name__} has no "
                               "dense_features() (use OpenCLIP or HFCLIP; model.init_args.backbone)")
-        names = list(getattr(backbone, "class_names", None) or [])
+        names = list(self.class_names or [])
         if not names:
             names = [f"class {i}" for i in range(COUNT_CLASSES)]
-            log.warning("[vision_ft] local_prompt: no class names on the backbone; local prompts sized for %d "
-                        "classes (ImageNet-1k) -- only meaningful for parameter counts. Use a CLIP task.",
+            log.warning("[vision_ft] local_prompt: applied without class names (no task); local prompts sized "
+                        "for %d classes (ImageNet-1k) -- only meaningful for parameter counts. Use a CLIP task.",
                         COUNT_CLASSES)
         if len(set(names)) != len(names):
             raise ConfigError("local_prompt needs distinct class names (model.init_args.class_names)")
@@ -385,7 +384,8 @@ class LocalPrompt(Method):
         coop = CoOp(**args)
         holder = nn.Module()
         backbone.model.add_module(_GLOBAL, holder)
-        view = _CoOpView(backbone, holder, coop_names or list(getattr(backbone, "class_names", []) or []))
+        view = _CoOpView(backbone, holder)
+        coop.set_class_names(coop_names or list(self.class_names or []))
         coop.apply(view)
         param = holder.coop_ctx
         if tuple(param.shape) != tuple(ctx.shape):
@@ -397,10 +397,9 @@ class LocalPrompt(Method):
         self._coop, self._coop_view = coop, view
 
     def is_trainable(self, name: str) -> bool:
+        """The local and negative prompts; not the frozen CoOp context under ``local_prompt_global``
+        (saved with the adapter all the same: the base rule saves every own tensor)."""
         return has_prefix(name, self.prefix) and not name.startswith(f"{_GLOBAL}.")
-
-    def is_saved(self, name: str) -> bool:
-        return has_prefix(name, self.prefix)
 
     # --- text features ------------------------------------------------------------------------
     def _cached(self, key: tuple, compute):
@@ -500,20 +499,7 @@ class LocalPrompt(Method):
         self.last_terms = {"local_prompt_regional": float(regional.detach()),
                            "local_prompt_negative": float(negative_loss.detach()),
                            "local_prompt_diversity": float(diversity.detach())}
-        self._last_loss = weakref.ref(loss)
         return loss
-
-    def adjust_loss(self, loss: torch.Tensor, outputs: dict[str, Any], batch: Any) -> torch.Tensor:
-        """Replace the task's loss by :meth:`training_loss`, unless ``loss`` is what it just returned (a task
-        that calls :meth:`training_loss` itself, then ``add_regularizers``)."""
-        if self._last_loss is not None and self._last_loss() is loss:
-            return loss
-        task = outputs["task"]
-        if hasattr(task, "_seen_batch"):
-            images, labels = task._seen_batch(batch)
-        else:
-            images, labels = batch["image"], batch["label"]
-        return self.training_loss(task, images, labels)
 
     # --- inference ----------------------------------------------------------------------------
     def _similarities(self, task: Any, images: torch.Tensor, indices: list[int]):
@@ -546,5 +532,5 @@ class LocalPrompt(Method):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_last_loss"], state["_cache"] = None, {}
+        state["_cache"] = {}
         return state

@@ -205,6 +205,12 @@ class MoSA(AdaptFormer):
         self.consistency, self.consistency_weight = consistency, consistency_weight
         self._generator: torch.Generator | None = None
 
+    @property
+    def needs_image_classification_task(self) -> bool:
+        """With the consistency loss: its second forward reads one normalised image per logits row in
+        ``outputs["inputs"]`` and the task's linear ``head``."""
+        return bool(self.consistency) and self.consistency_weight > 0
+
     # --- structure -------------------------------------------------------------------
     def make_adapter(self, dim: int, block_index: int) -> SparseExpertBottleneck:
         assert self._generator is not None

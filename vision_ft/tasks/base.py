@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -41,10 +42,17 @@ class BaseTask(pl.LightningModule):
         on_nonfinite: what a NaN/inf training loss does: ``stop`` (a clear error naming
             the step and the last checkpoint) or ``skip`` the batch (no optimiser step;
             counted and logged as ``train/skipped_batches``).
+        class_names: the task's class names in label order, passed to the method
+            (:meth:`~vision_ft.methods.Method.set_class_names`) before it is applied.
     """
 
     #: dotted path written to adapter.json; subclasses inherit it
     task_name = "base"
+    #: the task has a CLIP text head built from class names (methods with ``requires_text_tower`` need it)
+    has_text_head: ClassVar[bool] = False
+    #: image batches, one normalised image per logits row in ``outputs["inputs"]``, a linear ``head`` on
+    #: pooled features: what methods with ``needs_image_classification_task`` read
+    is_image_classification: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -58,6 +66,7 @@ class BaseTask(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         ema_decay: float = 0.0,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, Backbone):
@@ -65,7 +74,12 @@ class BaseTask(pl.LightningModule):
         self.backbone = backbone
         self.base_fingerprint = backbone.fingerprint()
         self.method = build_method(method)
+        self._check_method_fits()
+        if class_names is not None:
+            self.method.set_class_names(class_names)
         self.method.apply(backbone)
+        #: base parameters exempt from weight decay (position embeddings, class tokens), told by the backbone
+        self.no_decay_names = frozenset(backbone.no_decay_parameter_names())
         self.lr, self.weight_decay, self.head_lr = lr, weight_decay, head_lr
         self.optimizer_name, self.warmup_fraction, self.min_lr_ratio = optimizer, warmup_fraction, min_lr_ratio
         self.strict_loading = False  # checkpoints hold the trainable state only
@@ -80,6 +94,18 @@ class BaseTask(pl.LightningModule):
         self._ema_swapped = False
         self._skip_step = False
         self.skipped_batches = 0
+
+    def _check_method_fits(self) -> None:
+        """Refuse a method whose declared needs this task cannot serve, before it is applied."""
+        m, task = self.method, type(self).__name__
+        if m.requires_text_tower and not self.has_text_head:
+            raise ConfigError(f"method {m.name!r} needs a CLIP backbone with a text tower and a task with a text head "
+                              f"(vision_ft.tasks.CLIPClassificationTask or CLIPOODTask); {task} has none "
+                              "(model.class_path / model.init_args.method)")
+        if m.needs_image_classification_task and not self.is_image_classification:
+            raise ConfigError(f"method {m.name!r} needs image batches and an image classification head "
+                              f"(ImageClassificationTask); {task} has neither: use another method "
+                              "(model.init_args.method: ssf, lora, adapter, adaptformer, pego, snell, linear, full)")
 
     # --- subclasses ---------------------------------------------------------------------
     def head_modules(self) -> dict[str, nn.Module]:
@@ -273,11 +299,11 @@ class BaseTask(pl.LightningModule):
 
     # --- optimisation -------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """Optimiser groups: backbone/head x decay/no-decay (1-D and method-exempt tensors)."""
+        """Optimiser groups: backbone/head x decay/no-decay (1-D, method-exempt and backbone-named tensors)."""
         decay, no_decay = [], []
         for name, p in self.backbone.model.named_parameters():
             if p.requires_grad:
-                (no_decay if self.method.no_weight_decay(name, p) else decay).append(p)
+                (no_decay if self.no_weight_decay(name, p) else decay).append(p)
         head_decay, head_no_decay = [], []
         for module in self.head_modules().values():
             for p in module.parameters():
@@ -291,6 +317,11 @@ class BaseTask(pl.LightningModule):
             {"params": head_no_decay, "weight_decay": 0.0, "lr": head_lr},
         ) if g["params"]]
         return groups
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        """Whether the backbone parameter ``name`` is exempt from weight decay: the method's rule (1-D
+        tensors, its own exemptions) or the backbone's ``no_decay_parameter_names``."""
+        return self.method.no_weight_decay(name, param) or name in self.no_decay_names
 
     def configure_optimizers(self):
         groups = self.param_groups()

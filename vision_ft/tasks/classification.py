@@ -35,6 +35,8 @@ class ImageClassificationTask(BaseTask):
         (see :class:`BaseTask` for backbone, method and optimiser arguments)
     """
 
+    is_image_classification = True
+
     def __init__(
         self,
         backbone: Backbone,
@@ -53,13 +55,13 @@ class ImageClassificationTask(BaseTask):
         ema_decay: float = 0.0,
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
+        names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if len(names) != int(num_classes):
+            raise ValueError(f"{len(names)} class names for {num_classes} classes")
         super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr,
                          optimizer=optimizer, warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio,
-                         ema_decay=ema_decay, on_nonfinite=on_nonfinite)
-        self.num_classes = int(num_classes)
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+                         ema_decay=ema_decay, on_nonfinite=on_nonfinite, class_names=names)
+        self.num_classes, self.class_names = int(num_classes), names
         self.multilabel = multilabel
         self.label_smoothing = label_smoothing
         self.head_dropout = nn.Dropout(head_dropout)
@@ -248,7 +250,7 @@ class ImageClassificationTask(BaseTask):
         native = self.backbone.native_args()
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
         state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        leftovers = [k for k in state if self.method.prefix and self.method.prefix in k]
+        leftovers = [k for k in state if self.method.is_own(k)]
         if leftovers:
             raise RuntimeError(f"merge left method tensors behind: {leftovers[:3]}")
         atomic_save_safetensors(state, out_dir / "model.safetensors", metadata={"format": "pt"})

@@ -4,10 +4,12 @@
 Models From Natural Language Supervision", ICML 2021, Fig. 1 / Sec. 3.1.4): each class's text
 feature is the mean of its L2-normalised template embeddings, renormalised (the paper's prompt
 ensembling, Sec. 3.1.4). Without training (``validate``, or ``method: linear``) this is the
-zero-shot baseline. A method whose ``class_text_features(backbone, names)`` exists (CoOp) supplies
-the class features instead. The head is recomputed from the text tower at every training step when
-the text side trains (CLIP-LoRA on the text encoder, CoOp), once per evaluation epoch then, and
-cached for good when it is frozen.
+zero-shot baseline. A method with ``provides_text_features`` (CoOp) supplies the class features
+through ``class_text_features(backbone, class_names)`` instead, and a method whose
+``training_loss(task, images, labels)`` returns a loss (Local-Prompt) replaces the cross-entropy
+(hooks declared on :class:`~vision_ft.methods.Method`). The head is recomputed from the text tower
+at every training step when the text side trains (CLIP-LoRA on the text encoder, CoOp), once per
+evaluation epoch then, and cached for good when it is frozen.
 
 Held-out classes (CoOp / CoCoOp base-to-novel protocol, Zhou et al., CVPR 2022 Sec. 5.1): with
 ``base_to_novel`` the first ``ceil(K / 2)`` classes are *base*, the others *novel*; with
@@ -59,6 +61,7 @@ class CLIPClassificationTask(BaseTask):
 
     #: the untrained model is a classifier (zero-shot): WiSE-FT (``export --interpolate``) applies
     has_zero_shot_model = True
+    has_text_head = True
 
     def __init__(
         self,
@@ -90,10 +93,9 @@ class CLIPClassificationTask(BaseTask):
             raise ConfigError(f"{len(names)} class names for {num_classes} classes (model.init_args.class_names)")
         if not templates or any(t.count("{}") != 1 for t in templates):
             raise ConfigError(f"model.init_args.templates={templates!r}: each template needs exactly one '{{}}'")
-        backbone.class_names = list(names)  # prompt methods with per-class context read it in apply()
         super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr, optimizer=optimizer,
                          warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio, ema_decay=ema_decay,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, class_names=names)  # per-class prompts are sized from them
         self.num_classes, self.class_names, self.multilabel = int(num_classes), names, False
         self.templates, self.base_to_novel = list(templates), bool(base_to_novel)
         self.held_out_classes = None if held_out_classes is None else list(held_out_classes)
@@ -117,7 +119,7 @@ class CLIPClassificationTask(BaseTask):
         self._init_state = {n: p.detach().clone() for n, p in backbone.model.named_parameters() if p.requires_grad}
         # the text head changes during training when the method supplies it or trains text-tower weights
         # (tensors a method hangs on the root model, e.g. Local-Prompt's prompts, are not the text tower's)
-        self._text_trains = hasattr(self.method, "class_text_features") or any(
+        self._text_trains = self.method.provides_text_features or any(
             p.requires_grad for n, p in backbone.tower_parameters("text")
             if not (self.method.prefix and n.startswith(self.method.prefix)))
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
@@ -155,17 +157,22 @@ class CLIPClassificationTask(BaseTask):
         return self._cache[key]
 
     def _class_features(self, indices: list[int]) -> torch.Tensor:
-        if hasattr(self.method, "class_text_features"):  # raw names: per-class contexts are looked up by name
-            names = [self.class_names[i] for i in indices]
-            return F.normalize(self.method.class_text_features(self.backbone, names).float(), dim=-1)
-        return self.zero_shot_features(indices)
+        # raw names: per-class contexts are looked up by name
+        feats = self.method.class_text_features(self.backbone, [self.class_names[i] for i in indices])
+        if feats is None:
+            return self.zero_shot_features(indices)
+        return F.normalize(feats.float(), dim=-1)
 
     def _drop_cache(self) -> None:
         if self._text_trains:
             self._cache.clear()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.backbone.encode_image(self.backbone.preprocess(images)).float(), dim=-1)
+        """Normalised image embeddings (B, D) of images in [0, 1]."""
+        return self._embed(self.backbone.preprocess(images))
+
+    def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone.encode_image(inputs).float(), dim=-1)
 
     def forward(self, images: torch.Tensor, indices: list[int] | None = None) -> torch.Tensor:
         """Images in [0, 1] (B,3,H,W) -> logits over ``indices`` (default: all classes)."""
@@ -182,9 +189,16 @@ class CLIPClassificationTask(BaseTask):
         images, labels = self._seen_batch(batch)
         if len(labels) == 0:  # only held-out classes in this batch
             return None
-        logits = self(images, self.seen)
-        outputs = {"logits": logits, "features": None, "inputs": images}
-        loss = self.checked_loss(self.add_regularizers(F.cross_entropy(logits, labels), outputs, batch))
+        loss = self.method.training_loss(self, images, labels)  # the method's own loss (Local-Prompt), or None
+        if loss is None:
+            inputs = self.backbone.preprocess(images)
+            features = self._embed(inputs)
+            logits = self.backbone.logit_scale().float() * features @ self.text_head(self.seen).T
+            outputs = {"logits": logits, "features": features, "inputs": inputs}
+            loss = F.cross_entropy(logits, labels)
+        else:
+            outputs = {"logits": None, "features": None, "inputs": None}
+        loss = self.checked_loss(self.add_regularizers(loss, outputs, batch))
         if loss is None:
             return None
         self.log("train/loss", loss, prog_bar=True)
@@ -283,8 +297,7 @@ class CLIPClassificationTask(BaseTask):
         normalize(encode_image(x)) @ text_features.T`` reproduces this task's logits."""
         if not hasattr(self.backbone, "save_native"):
             raise NotImplementedError(f"{type(self.backbone).__name__} has no native export")
-        leftovers = [n for n, _ in self.backbone.model.named_parameters()
-                     if self.method.prefix and self.method.prefix in n]
+        leftovers = [n for n, _ in self.backbone.model.named_parameters() if self.method.is_own(n)]
         if leftovers:
             raise RuntimeError(f"merge left method tensors behind: {leftovers[:3]}")
         out = Path(self.backbone.save_native(out_dir, extra={"class_names": self.class_names,

@@ -18,19 +18,20 @@ Scores:
   default here. The text features are the task's head: the prompt-template ensemble, or the
   method's ``class_text_features`` (CoOp-style learned prompts). All ID classes are the concepts,
   also with ``base_to_novel`` / ``held_out_classes``.
-- method scores: a method defining ``ood_scores`` adds its own (Local-Prompt: ``regional`` and
+- method scores: a method whose ``ood_scores`` returns scores adds its own (Local-Prompt: ``regional`` and
   ``mcm+regional``). A method returning ``mcm`` replaces the task's (Local-Prompt computes it on its
   global prompts, which may be a loaded CoOp context); the log says so.
 
-Method hooks (all optional, duck-typed on the method object):
+Method hooks (declared on :class:`~vision_ft.methods.Method` with their defaults; the task calls
+them on every method and falls back to its own behaviour on the default):
 
-``training_loss(task, images, labels) -> Tensor``
+``training_loss(task, images, labels) -> Tensor | None`` (called by the parent task)
     Replaces the cross-entropy of a training step. ``images``: (B, 3, H, W) in [0, 1] (not yet
     normalised: use ``task.backbone.preprocess``); ``labels``: (B,) indices into ``task.seen``
     (all ID classes unless classes are held out). Return a scalar; the task still adds the
-    method's ``regularizer`` terms, checks finiteness and logs ``train/loss``.
+    method's ``regularizer`` terms, checks finiteness and logs ``train/loss``. Default ``None``.
 
-``ood_scores(task, images) -> dict[str, Tensor]``
+``ood_scores(task, images) -> dict[str, Tensor]`` (default ``{}``)
     Called in ``test_step`` / ``predict_step`` (eval mode, no grad) on every batch, ID and OOD
     alike. ``images`` as above. Return ``{name: (B,) tensor}``, higher = more in-distribution.
     Names: letters, digits and ``_ . + -`` (they become metric keys, ``test/<name>/<set>/fpr95``);
@@ -41,10 +42,10 @@ Method hooks (all optional, duck-typed on the method object):
     ``task.backbone.features(task.backbone.preprocess(images))`` (pooled + token features of the
     visual tower, for regional scores).
 
-``id_logits(task, images) -> Tensor``
+``id_logits(task, images) -> Tensor | None`` (default ``None``)
     The method's own ID classifier at test: (B, len(task.seen)) class scores whose argmax is the
-    prediction (Local-Prompt's global x regional classifier); ``test/acc`` then uses it. Without
-    it (or with held-out classes, whose bookkeeping is the parent's) the text head's logits are used.
+    prediction (Local-Prompt's global x regional classifier); ``test/acc`` then uses it. On ``None``
+    (or with held-out classes, whose bookkeeping is the parent's) the text head's logits are used.
 
 Artifacts (rank 0, not under ``fast_dev_run``): ``ood_metrics.json`` (every score x set, the
 FPR95 operating points, sample counts), ``ood_roc_<score>.png`` and ``ood_hist_<score>.png`` in
@@ -119,25 +120,6 @@ class CLIPOODTask(CLIPClassificationTask):
         self._ood_names: list[str] = []
         self._mcm_replaced_logged = False
 
-    # --- training: the method's own loss when it has one ----------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        if not hasattr(self.method, "training_loss"):
-            return super().training_step(batch, batch_idx)
-        images, labels = self._seen_batch(batch)
-        if len(labels) == 0:
-            return None
-        loss = self.method.training_loss(self, images, labels)
-        outputs = {"logits": None, "features": None, "inputs": images}
-        loss = self.checked_loss(self.add_regularizers(loss, outputs, batch))
-        if loss is None:
-            return None
-        self.log("train/loss", loss, prog_bar=True)
-        self.train_loss_epoch.update(loss.detach())
-        if self.global_step % 10 == 0:
-            self.record("train/loss_step", loss.item(),
-                        x=self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches))
-        return loss
-
     # --- scores ------------------------------------------------------------------------------
     def mcm(self, cosine: torch.Tensor) -> torch.Tensor:
         """MCM score (B,) from cosine similarities (B, K) to the ID class text features."""
@@ -150,10 +132,7 @@ class CLIPOODTask(CLIPClassificationTask):
         """``{"mcm": ..., **method scores}``, each (B,), higher = more in-distribution."""
         cosine = self._cosine(images) if cosine is None else cosine
         scores = {"mcm": self.mcm(cosine).float()}
-        hook = getattr(self.method, "ood_scores", None)
-        if hook is None:
-            return scores
-        extra = hook(self, images)
+        extra = self.method.ood_scores(self, images)
         where = f"{type(self.method).__name__}.ood_scores"
         if not isinstance(extra, dict):
             raise TypeError(f"{where} must return a dict of name -> (B,) tensor, got {type(extra).__name__}")
@@ -196,11 +175,10 @@ class CLIPOODTask(CLIPClassificationTask):
         self.ood_collector.update(batch["index"], source, self.ood_scores(images, cosine))
 
     def _id_logits(self, images: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
-        """ID class scores (B, K): the method's ``id_logits`` when it has one, else the text head's."""
-        hook = getattr(self.method, "id_logits", None)
-        if hook is None:
+        """ID class scores (B, K): the method's ``id_logits`` unless it returns ``None``, else the text head's."""
+        logits = self.method.id_logits(self, images)
+        if logits is None:
             return self.backbone.logit_scale().float() * cosine
-        logits = hook(self, images)
         if not isinstance(logits, torch.Tensor) or logits.shape != (len(images), len(self.seen)):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"{type(self.method).__name__}.id_logits must return a ({len(images)}, {len(self.seen)}) "

@@ -13,9 +13,13 @@ trainable; both are the run's trainable state (checkpoints, adapter, EMA):
                    denoising label embedding): the PEFT setting for ``lora``
 =================  =================================================================
 
-Default (``freeze: null``): ``none`` for ``full``, ``backbone`` for ``linear`` (the "no
-registry method" path), ``all`` for every other method. Frozen batch norms stay in eval
-mode, so their statistics never drift; trainable ones are saved with their statistics.
+Default (``freeze: null``), read from the method's declared flags (never its name): ``none``
+for a method that trains the base weights (``trains_base_weights``: ``full``, which requires
+it), ``backbone`` for a method that adds no tensors (``adds_tensors`` false: ``linear``, the
+"no registry method" path, where the policy alone decides), ``all`` for every method that adds
+its own tensors (PEFT). A parameter trains when ``method.is_trainable(name)`` or its part is in
+the policy's set. Frozen batch norms stay in eval mode, so their statistics never drift;
+trainable ones are saved with their statistics.
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ LOGGED_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 _PREFIX = "backbone.model."
 
 
+def default_freeze(method: Method) -> str:
+    """The freeze policy a method gets when ``freeze`` is unset, from its declared flags: ``none`` when
+    it trains the base weights, ``backbone`` when it adds no tensors (the policy alone decides what
+    trains), ``all`` (class heads only besides the method's tensors) for a PEFT method."""
+    if method.trains_base_weights:
+        return "none"
+    return "all" if method.adds_tensors else "backbone"
+
+
 class DetectionTask(BaseTask):
     """D-FINE / RT-DETR detection on COCO-format data.
 
@@ -54,7 +67,7 @@ class DetectionTask(BaseTask):
         num_classes, class_names: linked from the data; the detector's class heads are sized from them.
         category_ids: the annotation file's category id of each class (predictions are written
             with these); taken from the datamodule when unset.
-        freeze: see the module docstring; ``null`` picks by method.
+        freeze: see the module docstring; ``null`` picks from the method's flags (:func:`default_freeze`).
         loss_layout: ``paper`` (transformers' ``DFineLoss``, outputs paired as in the official
             D-FINE code) or ``library`` (exactly ``model(..., labels=...).loss``); see docs/detection.md.
         max_detections: detections kept per image (COCOeval counts at most 100).
@@ -101,18 +114,17 @@ class DetectionTask(BaseTask):
         backbone.configure_labels(class_names)  # builds the detector with a head of this size
         super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr, optimizer=optimizer,
                          warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio, ema_decay=ema_decay,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, class_names=class_names)
         self.class_names, self.num_classes = list(class_names), len(class_names)
         self.category_ids = [int(c) for c in category_ids] if category_ids is not None else None
         self.loss_layout, self.max_detections = loss_layout, int(max_detections)
         self.draw_images, self.draw_threshold = int(draw_images), float(draw_threshold)
-        default = "none" if self.method.name == "full" else "backbone" if self.method.name == "linear" else "all"
-        self.freeze = freeze or default
+        self.freeze = freeze or default_freeze(self.method)
         if self.freeze not in FREEZE_POLICIES:
             raise ConfigError(f"model.init_args.freeze must be one of {sorted(FREEZE_POLICIES)}, got {freeze!r}")
-        if self.method.name == "full" and self.freeze != "none":
-            raise ConfigError("method 'full' trains every parameter; set model.init_args.freeze=none, or use "
-                              "method linear with freeze=backbone / backbone_encoder / all")
+        if self.method.trains_base_weights and self.freeze != "none":
+            raise ConfigError(f"method {self.method.name!r} trains every base weight; set model.init_args.freeze=none, "
+                              "or use method linear with freeze=backbone / backbone_encoder / all")
         self._apply_freeze_policy()
         self.evaluators = {split: COCOEvaluator() for split in ("val", "test", "predict")}
 
@@ -122,7 +134,7 @@ class DetectionTask(BaseTask):
         for name, p in self.backbone.model.named_parameters():
             if not self.method.is_trainable(name) and self.backbone.part_of(name) in parts:
                 p.requires_grad_(True)
-        if self.method.prefix and self.freeze != "all":
+        if self.method.adds_tensors and self.freeze != "all":
             rank_zero_warn(f"method {self.method.name!r} adapts layers that freeze={self.freeze!r} also trains "
                            "in full; freeze=all is the usual PEFT setting")
         # trainable state outside the method: canonical parameter names (tied copies once) and the
@@ -164,7 +176,7 @@ class DetectionTask(BaseTask):
         """Trainable / total parameters per part of the detector (and the method's own)."""
         report: dict[str, dict[str, int]] = {}
         for name, p in self.backbone.model.named_parameters():
-            part = "method" if self.method.prefix and self.method.prefix in name else self.backbone.part_of(name)
+            part = "method" if self.method.is_own(name) else self.backbone.part_of(name)
             row = report.setdefault(part, {"trainable": 0, "total": 0})
             row["total"] += p.numel()
             row["trainable"] += p.numel() if p.requires_grad else 0
@@ -178,7 +190,7 @@ class DetectionTask(BaseTask):
         for name, p in self.backbone.model.named_parameters():
             if p.requires_grad:
                 head = self.backbone.part_of(name) == "class_heads" and not self.method.is_trainable(name)
-                buckets.setdefault((head, self.method.no_weight_decay(name, p)), []).append(p)
+                buckets.setdefault((head, self.no_weight_decay(name, p)), []).append(p)
         return [{"params": params, "weight_decay": 0.0 if no_decay else self.weight_decay,
                  "lr": (self.head_lr or self.lr) if head else self.lr}
                 for (head, no_decay), params in sorted(buckets.items())]
@@ -388,7 +400,7 @@ class DetectionTask(BaseTask):
         from transformers import RTDetrImageProcessor
 
         out_dir = Path(out_dir)
-        leftovers = [k for k in self.backbone.model.state_dict() if self.method.prefix and self.method.prefix in k]
+        leftovers = [k for k in self.backbone.model.state_dict() if self.method.is_own(k)]
         if leftovers:
             raise RuntimeError(f"merge left method tensors behind: {leftovers[:3]}")
         self.backbone.model.save_pretrained(out_dir)

@@ -78,22 +78,19 @@ class VideoPhaseTask(BaseTask):
         ema_decay: float = 0.0,
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
+        names = list(class_names) if class_names else [str(i) for i in range(int(num_classes))]
+        if len(names) != int(num_classes):
+            raise ConfigError(f"{len(names)} class names for {num_classes} classes")
+        # methods that need image batches and an image head (SPT, DR-Tune, MoSA's consistency) are
+        # refused by the base task (Method.needs_image_classification_task)
         super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr,
                          optimizer=optimizer, warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio,
-                         ema_decay=ema_decay, on_nonfinite=on_nonfinite)
+                         ema_decay=ema_decay, on_nonfinite=on_nonfinite, class_names=names)
         if multilabel:
             raise ConfigError("VideoPhaseTask predicts one class per frame; the data says multilabel=true")
-        m = self.method
-        if m.requires_data or m.name == "dr_tune" or getattr(m, "consistency", False):
-            raise ConfigError(f"method {m.name!r} needs image batches and an image classification head "
-                              "(ImageClassificationTask); use another method for videos "
-                              "(model.init_args.method: ssf, lora, adapter, adaptformer, pego, snell, linear, full)")
         if temporal not in ("mean", "gru"):
             raise ConfigError(f"model.init_args.temporal must be 'mean' or 'gru', got {temporal!r}")
-        self.num_classes = int(num_classes)
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
-        if len(self.class_names) != self.num_classes:
-            raise ConfigError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.num_classes, self.class_names = int(num_classes), names
         if relaxed_rule == "cholec80" and relaxed_boundary_s > 0 and self.num_classes != 7:
             raise ConfigError(f"model.init_args.relaxed_rule=cholec80 is defined for the 7 Cholec80 phases, the data "
                               f"has {self.num_classes} classes; set model.init_args.relaxed_rule=general")
