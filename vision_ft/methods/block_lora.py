@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -119,12 +118,9 @@ class BlockLoRA(CLIPLoRA):
         b = torch.zeros(d_out, self.r, dtype=weight.dtype, device=weight.device)
         return {"A": nn.Parameter(a), "B": nn.Parameter(b)}
 
-    def branch(self, host: nn.Module, names: dict[str, str], x: torch.Tensor) -> torch.Tensor:
-        a, b = getattr(host, names["A"]), getattr(host, names["B"])
-        chunk = a.shape[1]
-        summed = x.to(a.dtype).unflatten(-1, (x.shape[-1] // chunk, chunk)).sum(-2)  # x_1 + ... + x_n
-        return F.linear(F.linear(summed, a), b) * self.scale
+    def reduce_input(self, host: nn.Module, names: dict[str, str], x: torch.Tensor) -> torch.Tensor:
+        chunk = getattr(host, names["A"]).shape[1]
+        return x.unflatten(-1, (x.shape[-1] // chunk, chunk)).sum(-2)  # x_1 + ... + x_n
 
     def delta(self, host: nn.Module, names: dict[str, str]) -> torch.Tensor:
-        a, b = getattr(host, names["A"]), getattr(host, names["B"])
-        return (b @ a).repeat(1, self.n) * self.scale
+        return (self.up(host, names) @ self.down(host, names)).repeat(1, self.n)

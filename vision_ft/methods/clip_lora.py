@@ -105,7 +105,7 @@ class CLIPLoRA(Method):
         towers = self.encoders if backbone.tower_names() else None
         return S.select(backbone, [_ROLE[t] for t in self.targets], self.blocks, towers, method=self.name)
 
-    # --- the parameterisation (subclasses with another form of Delta W override these three) ---
+    # --- the parameterisation (subclasses with another form of Delta W override these) ----------
     def init_tensors(self, site: S.Site, weight: torch.Tensor) -> dict[str, nn.Parameter | torch.Tensor]:
         """The tensors of one site, by part name (registered as ``<prefix><part>[_<key>]``):
         ``nn.Parameter`` values train, plain tensors become saved buffers. ``weight`` is the frozen
@@ -116,15 +116,26 @@ class CLIPLoRA(Method):
         b = torch.zeros(d_out, self.r, dtype=weight.dtype, device=weight.device)
         return {"A": nn.Parameter(a), "B": nn.Parameter(b)}
 
-    def branch(self, host: nn.Module, names: dict[str, str], x: torch.Tensor) -> torch.Tensor:
-        """``Delta W x`` of one site (input dropout already applied); ``names``: part -> tensor name on ``host``."""
-        a, b = getattr(host, names["A"]), getattr(host, names["B"])
-        return F.linear(F.linear(x.to(a.dtype), a), b) * self.scale
+    def down(self, host: nn.Module, names: dict[str, str]) -> torch.Tensor:
+        """The down-projection of one site (``r x in'``); ``names``: part -> tensor name on ``host``."""
+        return getattr(host, names["A"])
+
+    def up(self, host: nn.Module, names: dict[str, str]) -> torch.Tensor:
+        """The up-projection with the scaling folded in (``out x r``): ``s B``."""
+        return getattr(host, names["B"]) * self.scale
+
+    def reduce_input(self, host: nn.Module, names: dict[str, str], x: torch.Tensor) -> torch.Tensor:
+        """What the down-projection reads (the input itself; Block-LoRA sums its chunks)."""
+        return x
 
     def delta(self, host: nn.Module, names: dict[str, str]) -> torch.Tensor:
         """The dense ``Delta W`` (out x in) of one site."""
-        a, b = getattr(host, names["A"]), getattr(host, names["B"])
-        return (b @ a) * self.scale
+        return self.up(host, names) @ self.down(host, names)
+
+    def branch(self, host: nn.Module, names: dict[str, str], x: torch.Tensor) -> torch.Tensor:
+        """``Delta W x`` of one site (input dropout already applied)."""
+        a = self.down(host, names)
+        return F.linear(F.linear(self.reduce_input(host, names, x.to(a.dtype)), a), self.up(host, names))
 
     def site_names(self, site: S.Site) -> dict[str, str]:
         """Part -> tensor name of the method's tensors at ``site``."""
@@ -144,8 +155,9 @@ class CLIPLoRA(Method):
         for site in self.sites(backbone):
             names = {part: site.add_tensor(self.prefix, part, t)
                      for part, t in self.init_tensors(site, site.weight.detach()).items()}
-            site.add_branch(self.prefix, partial(_lora_branch, self, names), delta=partial(self.delta, names=names),
-                            exact=partial(_dropout_inactive, self))
+            site.add_lowrank(self.prefix, partial(self.down, names=names), partial(self.up, names=names),
+                             pre=partial(_lora_input, self, names), delta=partial(self.delta, names=names),
+                             exact=partial(_dropout_inactive, self))
         self.freeze_and_mark(backbone)
         self.applied = True
 
@@ -154,7 +166,9 @@ class CLIPLoRA(Method):
         self.merged = True
 
 
-def _lora_branch(method: CLIPLoRA, names: dict[str, str], host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _lora_input(method: CLIPLoRA, names: dict[str, str], host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input dropout (training only; one draw per site, as the official separate q/k/v linears), then
+    the parameterisation's input reduction; ``x`` itself when both are idle."""
     if method.dropout > 0 and host.training:
         x = F.dropout(x, method.dropout, training=True)
-    return method.branch(host, names, x)
+    return method.reduce_input(host, names, x)

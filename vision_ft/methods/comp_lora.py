@@ -12,7 +12,6 @@ this module only replaces the parameterisation (``init_tensors`` / ``branch`` / 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -128,13 +127,8 @@ class CompLoRA(CLIPLoRA):
         b, u = getattr(host, names["B"]), getattr(host, names["U"])
         return b - u @ (u.T @ b)
 
-    def branch(self, host: nn.Module, names: dict[str, str], x: torch.Tensor) -> torch.Tensor:
-        a = getattr(host, names["A"])
-        return F.linear(F.linear(x.to(a.dtype), a), self.projected_b(host, names)) * self.scale
-
-    def delta(self, host: nn.Module, names: dict[str, str]) -> torch.Tensor:
-        a = getattr(host, names["A"])
-        return (self.projected_b(host, names) @ a) * self.scale
+    def up(self, host: nn.Module, names: dict[str, str]) -> torch.Tensor:
+        return self.projected_b(host, names) * self.scale
 
 
 def _left_singular_vectors(weight: torch.Tensor) -> torch.Tensor:

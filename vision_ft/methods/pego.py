@@ -68,7 +68,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError, ConfigError
@@ -88,13 +87,16 @@ def _factors(site: S.Site) -> tuple[torch.Tensor, torch.Tensor]:
     return site.get(PREFIX, "A"), site.get(PREFIX, "B")
 
 
-def _branch(names: tuple[str, str], host: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``sum_i B_i A_i x`` as one rank-``N r`` product."""
-    a, b = getattr(host, names[0]), getattr(host, names[1])
-    n, r, d_in = a.shape
-    a_cat = a.reshape(n * r, d_in).to(x.dtype)                        # [A_1; ...; A_N]
-    b_cat = b.permute(1, 0, 2).reshape(b.shape[1], n * r).to(x.dtype)  # [B_1 ... B_N]
-    return F.linear(F.linear(x, a_cat), b_cat)
+def _down(names: tuple[str, str], host: nn.Module) -> torch.Tensor:
+    """``[A_1; ...; A_N]`` (N r x d_in): ``sum_i B_i A_i x`` is one rank-``N r`` product."""
+    a = getattr(host, names[0])
+    return a.reshape(-1, a.shape[-1])
+
+
+def _up(names: tuple[str, str], host: nn.Module) -> torch.Tensor:
+    """``[B_1 ... B_N]`` (d_out x N r)."""
+    b = getattr(host, names[1])
+    return b.permute(1, 0, 2).reshape(b.shape[1], -1)
 
 
 def _delta(names: tuple[str, str], host: nn.Module) -> torch.Tensor:
@@ -182,7 +184,7 @@ class PEGO(Method):
                 nn.init.kaiming_uniform_(a[k], a=math.sqrt(5))
             b = torch.zeros(n, site.out_features, r, dtype=torch.float32, device=ref.device)
             names = (site.add_tensor(PREFIX, "A", nn.Parameter(a)), site.add_tensor(PREFIX, "B", nn.Parameter(b)))
-            site.add_branch(PREFIX, partial(_branch, names), delta=partial(_delta, names))
+            site.add_lowrank(PREFIX, partial(_down, names), partial(_up, names), delta=partial(_delta, names))
         self.freeze_and_mark(backbone)
         self.applied = True
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
@@ -70,6 +71,9 @@ class _Update:
     exact: Callable[[nn.Module], bool] | None = None  # branch: fn(x) == x dW^T + db now
     scale: str | None = None  # affine: tensor names on the host
     shift: str | None = None
+    down: Dense | None = None  # low-rank branch: fn(x) = up (down pre(x)), factors (r, in') / (rows, r)
+    up: Dense | None = None
+    pre: Branch | None = None  # input transform (host, x) -> x' (dropout...); returns x itself when idle
 
 
 @dataclass(eq=False)
@@ -206,6 +210,22 @@ class Site:
         if getattr(self.host, self.ref.param).dim() == 4:
             raise ConfigError(f"{prefix.rstrip('_')} cannot add a parallel branch to the convolution {self.name}")
         self._add(self._new(prefix, "branch", fn=fn, delta=delta, bias_delta=bias_delta, exact=exact))
+
+    def add_lowrank(self, prefix: str, down: Dense, up: Dense, pre: Branch | None = None,
+                    delta: Dense | None = None, exact: Callable[[nn.Module], bool] | None = None) -> None:
+        """Low-rank parallel branch ``y[rows] += up(host) @ down(host) @ pre(host, x)``: ``down`` (r x in'),
+        ``up`` (rows x r, scaling folded in), ``pre`` an input transform (input dropout, a reduction of
+        the input) that returns ``x`` itself when idle. ``delta`` (default ``up @ down``) is the dense
+        ``Delta W`` of the rows. All low-rank branches of one module run as one product: the inputs
+        are projected together (one matmul when every ``pre`` is idle) and lifted by one
+        block-structured ``up`` into the module's whole output, so adapting q, k and v of a fused
+        projection costs what one LoRA on it costs."""
+        if getattr(self.host, self.ref.param).dim() != 2:
+            raise ConfigError(f"{prefix.rstrip('_')} needs a matrix weight at {self.name}")
+        if delta is None:
+            delta = partial(_lowrank_delta, down, up)
+        self._add(self._new(prefix, "branch", fn=partial(_lowrank_fn, down, up, pre), delta=delta, exact=exact,
+                            down=down, up=up, pre=pre))
 
     def add_scale_shift(self, prefix: str, scale: str | None = None, shift: str | None = None) -> None:
         """``y[rows] = scale * y[rows] + shift`` per output channel; ``scale`` / ``shift`` name tensors
@@ -390,15 +410,92 @@ def _rows_apply(host: nn.Module, ups: list[_Update], x: torch.Tensor, y: torch.T
     return y
 
 
+def _lowrank_fn(down: Dense, up: Dense, pre: Branch | None, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    d = down(host)
+    x = x.to(d.dtype)
+    if pre is not None:
+        x = pre(host, x)
+    return F.linear(F.linear(x, d), up(host))
+
+
+def _lowrank_delta(down: Dense, up: Dense, host: nn.Module) -> torch.Tensor:
+    return up(host) @ down(host)
+
+
+def _lowrank_all(host: nn.Module, ups: list[_Update], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Every update is a low-rank branch: ``y + H U^T`` with ``H = [down_i pre_i(x)]`` (one matmul when no
+    ``pre`` is active) and ``U`` the ups placed at their rows and columns (zeros elsewhere)."""
+    downs = [u.down(host) for u in ups]
+    dtype = downs[0].dtype
+    xd = x.to(dtype)
+    inputs = [xd if u.pre is None else u.pre(host, xd) for u in ups]
+    if all(i is xd for i in inputs) and len({d.shape[1] for d in downs}) == 1:
+        h = F.linear(xd, downs[0] if len(downs) == 1 else torch.cat(downs, 0))
+    else:
+        h = torch.cat([F.linear(i, d) for i, d in zip(inputs, downs)], -1)
+    ranks = [d.shape[0] for d in downs]
+    if len(ups) == 1 and ups[0].start == 0 and ups[0].stop == y.shape[-1]:
+        up = ups[0].up(host)
+    else:
+        up = h.new_zeros(y.shape[-1], sum(ranks))
+        col = 0
+        for u, r in zip(ups, ranks):
+            up[u.start:u.stop, col:col + r] = u.up(host)
+            col += r
+    return y + F.linear(h, up).to(y.dtype)
+
+
+def _branch_delta(host: nn.Module, ups: list[_Update], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The full-width sum of parallel branches on row ranges: each layer of disjoint ranges is one
+    ``cat`` of their outputs with zeros in the gaps (a bias delta broadcasts over the tokens)."""
+    width = y.shape[-1]
+    groups: dict[tuple[int, int], list[_Update]] = {}
+    for u in ups:
+        groups.setdefault((u.start, u.stop), []).append(u)
+    layers: list[list[tuple[int, int]]] = []
+    for span in sorted(groups):
+        for layer in layers:
+            if layer[-1][1] <= span[0]:
+                layer.append(span)
+                break
+        else:
+            layers.append([span])
+    lead = list(y.shape[:-1])
+    total = None
+    for layer in layers:
+        pieces, prev = [], 0
+        for start, stop in layer:
+            if start > prev:
+                pieces.append(y.new_zeros(lead + [start - prev]))
+            d = sum(u.fn(host, x).to(y.dtype) for u in groups[(start, stop)])
+            pieces.append(d.expand(lead + [stop - start]))
+            prev = stop
+        if prev < width:
+            pieces.append(y.new_zeros(lead + [width - prev]))
+        d = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+        total = d if total is None else total + d
+    return total
+
+
 def _transform(host: nn.Module, ups: list[_Update], x: torch.Tensor, y: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Apply the updates (grouped by row range) to ``y``; disjoint groups are assembled with one cat."""
+    """Apply the updates (grouped by row range) to ``y``.
+
+    Only parallel branches (the LoRA family, sparse and bias deltas): ``y`` plus the low-rank ones as
+    one product and the others as full-width deltas -- never slicing ``y``, whose backward would cost
+    a zero-filled full-size buffer per slice. With scale/shift or output maps, disjoint groups are
+    transformed on their slices and assembled with one cat, overlapping ones one after the other."""
+    if dim in (-1, y.dim() - 1) and all(u.kind == "branch" for u in ups):
+        low = [u for u in ups if u.down is not None]
+        rest = [u for u in ups if u.down is None]
+        out = _lowrank_all(host, low, x, y) if low else y
+        return out + _branch_delta(host, rest, x, y) if rest else out
     width = y.shape[dim]
     groups: dict[tuple[int, int], list[_Update]] = {}
     for u in ups:
         groups.setdefault((u.start, width if u.stop is None else u.stop), []).append(u)
-    if len(groups) == 1 and next(iter(groups)) == (0, width):
-        return _rows_apply(host, ups, x, y, dim)
     spans = sorted(groups)
+    if len(spans) == 1 and spans[0] == (0, width):
+        return _rows_apply(host, ups, x, y, dim)
     if all(a[1] <= b[0] for a, b in zip(spans, spans[1:])):  # disjoint
         pieces, prev = [], 0
         for start, stop in spans:

@@ -87,8 +87,25 @@ def sparse_dense(name: str, shape: tuple[int, int], host: nn.Module) -> torch.Te
     return dense_delta(host._parameters[f"{name}_delta"], host._buffers[f"{name}_index"], shape)
 
 
-def module_branch(name: str, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return host._modules[name](x)
+def lora_down(name: str, host: nn.Module) -> torch.Tensor:
+    return host._modules[name].A
+
+
+def lora_up(name: str, host: nn.Module) -> torch.Tensor:
+    return host._modules[name].B
+
+
+def lora_input(name: str, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``DropPath(Dropout(x))``: DropPath's per-sample factor commutes with the linear ``B A``, so
+    ``DropPath(B A Dropout(x)) = B A DropPath(Dropout(x))``; ``x`` itself when both are idle."""
+    m = host._modules[name]
+    if not m.training:
+        return x
+    if m.dropout.p > 0:
+        x = m.dropout(x)
+    if m.drop_path.drop_prob > 0:
+        x = m.drop_path(x)
+    return x
 
 
 def module_delta(name: str, host: nn.Module) -> torch.Tensor:

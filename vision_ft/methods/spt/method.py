@@ -202,8 +202,9 @@ class _SPT(Method):
                 mname = site.add_module(prefix, "", module.to(**like).train(site.host.training),
                                         name=f"{prefix}module{t.suffix}")
                 if self.kind == "lora":
-                    add = partial(site.add_branch, prefix, partial(L.module_branch, mname),
-                                  delta=partial(L.module_delta, mname), exact=partial(L.module_exact, mname))
+                    add = partial(site.add_lowrank, prefix, partial(L.lora_down, mname), partial(L.lora_up, mname),
+                                  pre=partial(L.lora_input, mname), delta=partial(L.module_delta, mname),
+                                  exact=partial(L.module_exact, mname))
                 else:
                     add = partial(site.add_output_map, prefix, partial(L.module_map, mname))
                 pending.append((pos, 2, add))
