@@ -249,3 +249,37 @@ def test_append_adds_rows_to_a_section_measured_with_the_same_settings(tmp_path)
     assert "added by `python -m vision_ft bench params --quick --methods ssf:init_std=0.5 linear --append" in text
     with contextlib.redirect_stdout(io.StringIO()), pytest.raises(ConfigError, match="other settings.*batch_size"):
         cmd_bench(["params", "--quick", "--batch-size", "3", "--methods", "lora", "--append", "--out", out])
+
+
+def test_a_new_method_brings_its_bench_metadata_without_edits_in_bench():
+    """Paper count, peft twin and goal notes come from the method class alone (adding a method edits no
+    file under vision_ft/bench)."""
+    from vision_ft.backbones import TimmViT
+    from vision_ft.bench.common import MethodSpec
+    from vision_ft.bench.family import in_lora_family, peft_equivalent
+    from vision_ft.bench.params import paper_value
+    from vision_ft.bench.report import evaluate_goals
+    from vision_ft.methods import LoRA, register, unregister
+
+    @register
+    class TwinnedLoRA(LoRA):
+        name = "lora_bench_meta_test"
+        prefix = "lbmt_"
+        bench_notes = {"time": "pinned by the test"}
+
+        def paper_parameters(self):
+            return {"value": 1, "precision": 1, "text": "1", "compare": "trainable", "source": "test"}
+
+    try:
+        backbone = TimmViT("vit_test_tiny")
+        method = TwinnedLoRA(r=4, dropout=0.1)
+        assert paper_value(MethodSpec("lora_bench_meta_test"), method)["source"] == "test"
+        assert in_lora_family(method)
+        twin = peft_equivalent(method, backbone)
+        assert (twin["r"], twin["dropout"], twin["modules"]) == (4, 0.1, ["blocks.0.attn.qkv", "blocks.1.attn.qkv"])
+        row = {"method": "x", "name": "lora_bench_meta_test", "ratio_vs_full": 2.0,
+               "memory": {"ideal_saving_bytes": 1, "realised_saving_bytes": 1, "saving_fraction": 1.0}}
+        goals = evaluate_goals({"rows": [row]}, None)
+        assert next(g for g in goals if g["goal"] == "time")["why"] == "pinned by the test"
+    finally:
+        unregister("lora_bench_meta_test")

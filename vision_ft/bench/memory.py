@@ -78,7 +78,7 @@ def build_for_memory(spec: Any, settings: Any, cache: Any) -> Any:
 
     if isinstance(spec, MethodSpec):
         return build_task(spec, settings, cache)
-    return build_peft_task(settings, spec["r"], spec["alpha"], spec["modules"])
+    return build_peft_task(settings, spec["r"], spec["alpha"], spec["modules"], spec.get("dropout", 0.0))
 
 
 def measure(config: dict[str, Any]) -> dict[str, Any]:

@@ -20,64 +20,13 @@ PEFT_GOAL = 1.05
 #: merged model latency vs the untouched base model
 MERGE_GOAL = 1.02
 
-_SPT_WHY = ("SPT's sparse deltas gather the selected input columns for every token (a tokens x k gather and an "
-            "index_add into a tokens x d_out buffer, in forward and again in backward) and keep each such layer's "
-            "input for their gradient, which a frozen linear alone would not (see the activations column); its "
-            "{kind} modules add dropout and DropPath, and it trains bias and LayerNorm vectors.")
+def _why(name: str, goal: str) -> str:
+    """The method's own note on why it misses ``goal`` (``Method.bench_notes``)."""
+    from ..methods import registered
 
-_PEGO_WHY = ("PEGO's regulariser forms W dW_i^T, a d x d matrix, for every adapted q and v slice and every "
-             "module of the group at every step (a product with the frozen weight and an L1 over d^2 entries), and "
-             "its forward hook copies the whole qkv output to add into the q and v rows.")
-
-#: why a method misses a goal, from what its training step does (shown when it misses)
-WHY: dict[tuple[str, str], str] = {
-    ("dr_tune", "time"): "DR-Tune is full fine-tuning (every weight-gradient product is computed) plus a "
-                         "no-grad forward of the frozen pretrained copy on every batch and the queue term.",
-    ("dr_tune", "memory"): "DR-Tune trains every weight (no frozen base weights, so no saving is possible) and "
-                           "holds a frozen copy of the backbone plus the feature queues on top of full "
-                           "fine-tuning's state.",
-    ("mosa", "time"): "MoSA keeps N=4 Up experts per block and masks the drawn expert's gradient "
-                      "(torch.where over a d x b matrix per block); with consistency=true it runs a second "
-                      "stochastic forward and backward.",
-    ("snell", "time"): "SNELL builds every adapted d_out x d_in update from its kernel (cdist of the factors), "
-                       "sparsifies it with kthvalue over all entries, and recomputes it in backward "
-                       "(checkpoint) — dense matrix work the size of the frozen weights, every step.",
-    ("snell", "peft"): "SNELL's update is a dense kernel matrix sparsified each step, not a rank-r product: "
-                       "see its time entry.",
-    ("spt_lora", "time"): _SPT_WHY.format(kind="LoRA"),
-    ("spt_adapter", "time"): _SPT_WHY.format(kind="adapter"),
-    ("spt_lora", "peft"): "the peft twin has SPT's LoRA modules only (without dropout / DropPath); SPT's sparse "
-                          "deltas and trained vectors add their own gather / index_add work and saved inputs.",
-    ("ssf", "time"): "SSF scales and shifts the output of every linear, norm and the patch embedding: "
-                     "elementwise passes over every activation in forward and backward, a reduction over all "
-                     "tokens per channel for its gradients, and the input of every scale saved for backward "
-                     "(see the activations column).",
-    ("clip_lora", "time"): "on a timm ViT CLIP-LoRA adds three separate rank-r branches (q, k, v) into the fused "
-                           "qkv output through a forward hook, each with its own dropout (p=0.25) of the block "
-                           "input and a zero-padded add over the full 3d output; the dropped inputs are saved for "
-                           "backward (see the activations column).",
-    ("clip_lora", "peft"): "the peft twin is one rank-r branch on the fused qkv without dropout; CLIP-LoRA runs "
-                           "three branches per block (q, k, v), each with dropout p=0.25 and a zero-padded add.",
-    ("comp_lora", "time"): "Comp-LoRA is CLIP-LoRA's placement (three hooked rank-r branches into the fused qkv "
-                           "output, each with dropout p=0.25 and a zero-padded add, dropped inputs saved) plus the "
-                           "projection B - U_k (U_k^T B) of every site at every step; see clip_lora.",
-    ("comp_lora", "peft"): "the peft twin is one rank-r branch on the fused qkv without dropout; Comp-LoRA runs "
-                           "CLIP-LoRA's three dropout branches per block and projects each B.",
-    ("block_lora", "time"): "Block-LoRA is CLIP-LoRA's placement (three hooked branches into the fused qkv output, "
-                            "each with dropout p=0.25 and a zero-padded add) and each branch first sums the n input "
-                            "chunks (a reshape and reduction over every token); the dropped inputs are saved for "
-                            "backward (see the activations column).",
-    ("block_lora", "peft"): "the peft twin is one rank-r branch on the fused qkv without dropout; Block-LoRA runs "
-                            "three dropout branches per block, each with the chunk sum of its input.",
-    ("lora", "time"): "our lora is HF peft's own LoraModel, and measures the same as the peft twin (x peft twin "
-                      "column); in this run peft's LoRA r=8 on qkv itself measured 0.70x full fine-tuning, not "
-                      "the 0.65x the goal was set from, so the miss by 0.001 is the machine and the run's noise "
-                      "(spread column), not a cost the method adds.",
-    ("lora", "peft"): "our lora is HF peft's own LoraModel injected in place, the same layers as the twin: the "
-                      "gap is timing noise (compare the spread column).",
-    ("pego", "peft"): _PEGO_WHY,
-    ("pego", "time"): _PEGO_WHY,
-}
+    cls = registered().get(name)
+    note = cls.bench_notes.get(goal) if cls is not None else None
+    return note or f"not analysed yet: add the reason to {name}'s bench_notes[{goal!r}] (vision_ft.methods)"
 
 
 # --- goals -------------------------------------------------------------------------------------------
@@ -90,8 +39,7 @@ def evaluate_goals(train: dict[str, Any] | None, infer: dict[str, Any] | None) -
         if met is None and value is not None:
             met = value <= target if lower else value >= target
         if met is False and why is None:
-            why = WHY.get((row["name"], goal)) or (
-                f"not analysed yet: add the reason to vision_ft/bench/report.py WHY[({row['name']!r}, {goal!r})]")
+            why = _why(row["name"], goal)
         rows.append({"method": row["method"], "name": row["name"], "goal": goal, "what": text, "value": value,
                      "shown": shown if shown is not None else _x(value, 3), "target": target,
                      "comparison": "<=" if lower else ">=", "met": met, "why": why if met is False else None})

@@ -156,8 +156,9 @@ def run_train(specs: list[MethodSpec], settings: Settings, cache: PreparedCache,
         twin = peft_equivalent(task.method, task.backbone)
         key = None
         if twin is not None:
-            key = (twin["r"], twin["alpha"], tuple(twin["modules"]))
-            trainees["twin"] = Trainee(build_peft_task(settings, twin["r"], twin["alpha"], twin["modules"]))
+            key = (twin["r"], twin["alpha"], twin["dropout"], tuple(twin["modules"]))
+            trainees["twin"] = Trainee(build_peft_task(settings, twin["r"], twin["alpha"], twin["modules"],
+                                                       twin["dropout"]))
         log(f"  train {spec.label} (alternating with full fine-tuning"
             f"{' and peft LoRA r=%d on %d modules' % (twin['r'], len(twin['modules'])) if twin else ''}) ...")
         samples = time_alternating(trainees, batch, settings)
@@ -175,12 +176,14 @@ def run_train(specs: list[MethodSpec], settings: Settings, cache: PreparedCache,
             if key not in twins:
                 with quiet_logging():
                     twin_memory = trainees["twin"].memory(batch)
-                twins[key] = {"r": twin["r"], "alpha": twin["alpha"], "modules": twin["modules"],
+                twins[key] = {"r": twin["r"], "alpha": twin["alpha"], "dropout": twin["dropout"],
+                              "modules": twin["modules"],
                               "trainable_params": trainable_backbone(trainees["twin"].task),
                               "time": twin_time, "ratio_vs_full": ratio(twin_time["median_s"],
                                                                         row["full_time"]["median_s"]),
                               "memory": twin_memory}
-            row["peft_twin"] = {"r": twin["r"], "modules": len(twin["modules"]), "note": twin["note"],
+            row["peft_twin"] = {"r": twin["r"], "dropout": twin["dropout"], "modules": len(twin["modules"]),
+                                "note": twin["note"],
                                 "time": twin_time, "trainable_params": twins[key]["trainable_params"]}
             row["ratio_vs_peft"] = ratio(row["time"]["median_s"], twin_time["median_s"])
         rows.append(row)

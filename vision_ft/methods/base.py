@@ -302,3 +302,23 @@ class Method:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+    # --- what the benchmark knows (read by ``python -m vision_ft bench``) ------------------------
+    #: in the LoRA family: a low-rank update of frozen linears, timed against :meth:`peft_twin`
+    lora_family: ClassVar[bool] = False
+    #: why a measured bench goal is missed, by goal (``time``: step vs full fine-tuning, ``memory``,
+    #: ``peft``: step vs the peft twin): what the method's step does that costs it. Shown on the
+    #: benchmark page under a missed goal; a miss without a note is flagged there as not analysed.
+    bench_notes: ClassVar[dict[str, str]] = {}
+
+    def paper_parameters(self) -> dict[str, Any] | None:
+        """The paper's trainable-parameter count for this config on ViT-B/16 (``bench params``):
+        ``{"value", "precision" (the printed rounding), "text", "compare": "trainable" | "deployed",
+        "source"}``; ``None`` where the paper tabulates no such config (default)."""
+        return None
+
+    def peft_twin(self, backbone: Backbone) -> dict[str, Any] | None:
+        """The HF peft LoRA this method's step is timed against (``bench train``), for the LoRA family:
+        ``{"r", "alpha", "dropout", "modules" (names inside ``backbone.model``), "note"}``; ``None``
+        outside the family (default) or where no twin fits the config."""
+        return None

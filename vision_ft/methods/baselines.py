@@ -7,16 +7,20 @@ fine-tuning trains all of them (``trains_base_weights``).
 
 from __future__ import annotations
 
-from ..backbones import Backbone
+from typing import TYPE_CHECKING, Any
+
 from .base import Method
 from .registry import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
 
 
 @register
 class LinearProbe(Method):
     """Linear probe: the backbone is frozen, only the task head trains.
 
-    Anchor (METHODS.md): FGVC 79.3 / VTAB group mean 57.6 on ViT-B/16 in21k.
+    Anchor: FGVC 79.3 / VTAB group mean 57.6 on ViT-B/16 in21k (the linear-probing rows of the VTAB-1k tables).
     Nothing is added to the backbone, so there is nothing to merge and the
     output is the base model's at init. A task with its own policy for the base
     model (detection's ``freeze``) decides alone what else trains.
@@ -30,6 +34,10 @@ class LinearProbe(Method):
     def __init__(self) -> None:
         pass
 
+    def paper_parameters(self) -> dict[str, Any]:
+        return {"value": 0, "precision": 1, "text": "0 (head only)", "compare": "trainable",
+                "source": "linear probe row"}
+
     def apply(self, backbone: Backbone) -> None:
         self.freeze_and_mark(backbone)
         self.applied = True
@@ -42,7 +50,8 @@ class LinearProbe(Method):
 class FullFineTuning(Method):
     """Full fine-tuning: every backbone parameter trains.
 
-    Anchor (METHODS.md): FGVC 88.5 / VTAB group 69.0, 85.8M parameters on ViT-B/16.
+    Anchor: FGVC 88.5 / VTAB group 69.0, 85.8M parameters on ViT-B/16 (the full fine-tuning rows of the
+    VTAB-1k tables).
     The adapter is the whole backbone state dict; "merge" is the identity. No weight
     decay on 1-D tensors and on what the backbone names (position embeddings, class
     tokens: ``Backbone.no_decay_parameter_names``).
@@ -60,6 +69,10 @@ class FullFineTuning(Method):
 
     def __init__(self, train_patch_embed: bool = True) -> None:
         self.train_patch_embed = train_patch_embed
+
+    def paper_parameters(self) -> dict[str, Any]:
+        return {"value": 85_800_000, "precision": 100_000, "text": "85.8M", "compare": "trainable",
+                "source": "full fine-tuning row of the VTAB-1k tables (SSF, SPT papers)"}
 
     def is_saved(self, name: str) -> bool:
         return True

@@ -90,6 +90,12 @@ class BlockLoRA(CLIPLoRA):
     mergeable = True
     zero_init = True
 
+    bench_notes = {
+        "time": "Block-LoRA is CLIP-LoRA's step (three input-dropout draws, see clip_lora) and each branch first "
+                "sums the n chunks of its dropped input (a reshape and reduction over every token).",
+        "peft": "as clip_lora (three dropout draws where peft draws one), plus the chunk sum of each input.",
+    }
+
     def __init__(
         self,
         n: int = 8,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +95,23 @@ class CLIPLoRA(Method):
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.targets, self.encoders = list(targets), list(encoders)
         self.blocks = None if blocks is None else [int(b) for b in blocks]
+
+    lora_family = True
+    bench_notes = {
+        "time": "CLIP-LoRA draws an independent dropout mask (p=0.25) of the block input for each of q, k and v, as "
+                "the official code's three LoRA linears do, and keeps the three dropped inputs for backward (see "
+                "the activations column); the low-rank products themselves run as one (see the peft goal).",
+        "peft": "the twin is peft LoRA of the same rank on the fused qkv with the same input dropout, which peft "
+                "draws once per module; CLIP-LoRA draws it three times (q, k, v), as the official code does. "
+                "With dropout=0 both run the same products (one down-projection, one block-structured "
+                "up-projection): see the note under the goals table.",
+    }
+
+    def peft_twin(self, backbone: Backbone) -> dict[str, Any]:
+        return {"r": self.r, "alpha": float(self.r), "dropout": self.dropout,
+                "modules": S.module_names(self.sites(backbone)),
+                "note": f"rank {self.r} on the fused qkv, dropout {self.dropout} ({self.name}: r={self.r} on "
+                        f"{'+'.join(self.targets)} slices)"}
 
     @property
     def scale(self) -> float:

@@ -95,6 +95,12 @@ class CompLoRA(CLIPLoRA):
     mergeable = True
     zero_init = True
 
+    bench_notes = {
+        "time": "Comp-LoRA is CLIP-LoRA's step (three input-dropout draws, see clip_lora) plus the projection "
+                "B - U_k (U_k^T B) of every site at every step.",
+        "peft": "as clip_lora (three dropout draws where peft draws one), plus the projection of every B.",
+    }
+
     def __init__(
         self,
         k: int = 8,

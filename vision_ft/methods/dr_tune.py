@@ -219,6 +219,12 @@ class DRTune(Method):
     #: are state and never train
     trains_base_weights = True
     trains_own_tensors = False
+    bench_notes = {
+        "time": "DR-Tune is full fine-tuning (every weight-gradient product is computed) plus a no-grad forward "
+                "of the frozen pretrained copy on every batch and the queue term.",
+        "memory": "DR-Tune trains every weight (no frozen base weights, so no saving is possible) and holds a "
+                  "frozen copy of the backbone plus the feature queues on top of full fine-tuning's state.",
+    }
 
     def __init__(self, queue_size: int = 2048, rotation_every: int = 10, prefill: bool = True,
                  seed: int = 0) -> None:

@@ -11,7 +11,7 @@ on the fused qkv of all 12 blocks: ``8 * (768 + 2304) * 12 = 294,912`` parameter
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
@@ -80,6 +80,18 @@ class LoRA(Method):
                 if ref.module not in names:
                     names.append(ref.module)
         return names
+
+    lora_family = True
+    bench_notes = {
+        "time": "our lora is HF peft's own LoraModel, and measures the same as the peft twin (x peft twin column): "
+                "a miss of the full-fine-tuning goal is peft LoRA's own cost on this machine, not one the kit adds.",
+        "peft": "our lora is HF peft's own LoraModel injected in place, the same layers as the twin: the gap is "
+                "timing noise (compare the spread column).",
+    }
+
+    def peft_twin(self, backbone: Backbone) -> dict[str, Any]:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "modules": self.target_names(backbone),
+                "note": "same rank, alpha, dropout and targets"}
 
     def peft_config(self, backbone: Backbone) -> LoraConfig:
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,

@@ -205,6 +205,20 @@ class MoSA(AdaptFormer):
         self.consistency, self.consistency_weight = consistency, consistency_weight
         self._generator: torch.Generator | None = None
 
+    bench_notes = {
+        "time": "MoSA keeps N=4 Up experts per block and masks the drawn expert's gradient (torch.where over a "
+                "d x b matrix per block); with consistency=true it runs a second stochastic forward and backward.",
+    }
+
+    def paper_parameters(self) -> dict[str, Any] | None:
+        values = {64: (1_208_064, 1_000, "1.208M"), 16: (322_752, 1_000, "0.323M")}
+        if self.bottleneck not in values:
+            return None
+        v, prec, text = values[self.bottleneck]
+        return {"value": v, "precision": prec, "text": f"{text} after folding (b={self.bottleneck})",
+                "compare": "deployed",
+                "source": "MoSA (Theia-4869/MoSA): the folded adapter equals AdaptFormer with its LN"}
+
     @property
     def needs_image_classification_task(self) -> bool:
         """With the consistency loss: its second forward reads one normalised image per logits row in

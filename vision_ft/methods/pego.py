@@ -175,6 +175,29 @@ class PEGO(Method):
             )
         self.num_modules, self.r, self.orth_weight, self.targets = num_modules, r, float(orth_weight), targets
 
+    lora_family = True
+    bench_notes = {
+        "time": "PEGO's regulariser forms W A_i^T and the module products for every adapted q and v slice and "
+                "every module of the group at every step (a product with the frozen weight and an L1 over d x d "
+                "entries), on top of the LoRA group's own products.",
+        "peft": "the twin has the group's low-rank products (rank N r) but not PEGO's orthogonality regulariser, "
+                "which adds a product with the frozen weight and an L1 over d x d entries per slice and module.",
+    }
+
+    def peft_twin(self, backbone: Backbone) -> dict[str, Any]:
+        r = self.num_modules * self.r
+        return {"r": r, "alpha": float(r), "dropout": 0.0,
+                "modules": S.module_names(S.select(backbone, self.targets, method=self.name)),
+                "note": f"rank N*r = {r} (PEGO: {self.num_modules} x r={self.r} on {'+'.join(self.targets)} slices)"}
+
+    def paper_parameters(self) -> dict[str, Any] | None:
+        values = {2: (295_000, 1_000, "0.295M"), 4: (590_000, 10_000, "0.59M")}
+        if self.r != 4 or sorted(self.targets) != ["q", "v"] or self.num_modules not in values:
+            return None
+        v, prec, text = values[self.num_modules]
+        return {"value": v, "precision": prec, "text": f"{text} (N={self.num_modules}, r=4, q+v) + head",
+                "compare": "trainable", "source": "PEGO (Hu et al., ECCV 2024)"}
+
     def apply(self, backbone: Backbone) -> None:
         n, r = self.num_modules, self.r
         for site in S.select(backbone, self.targets, method=self.name):

@@ -380,6 +380,15 @@ def on_module(module: nn.Module, prefix: str | None = None) -> list[Site]:
     return sorted(out, key=lambda s: s.start)
 
 
+def module_names(site_list: Iterable[Site]) -> list[str]:
+    """The distinct modules owning the sites' weights, in order (what a whole-module tuner like peft targets)."""
+    names: list[str] = []
+    for site in site_list:
+        if site.ref.module not in names:
+            names.append(site.ref.module)
+    return names
+
+
 def merge_all(model: nn.Module, prefix: str) -> int:
     """Merge every site of ``prefix``; returns how many."""
     sites = owned(model, prefix)

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from . import sites as S
@@ -215,6 +215,20 @@ class SNELL(Method):
         self.targets, self.blocks = list(targets), None if blocks is None else list(blocks)
         self.kernel_scale, self.magnitude_weighting = kernel_scale, magnitude_weighting
         self.dropout, self.drop_path, self.recompute = dropout, drop_path, recompute
+
+    lora_family = True
+    bench_notes = {
+        "time": "SNELL builds every adapted d_out x d_in update from its kernel (cdist of the factors), "
+                "sparsifies it with kthvalue over all entries, and recomputes it in backward (checkpoint) -- "
+                "dense matrix work the size of the frozen weights, every step.",
+        "peft": "SNELL's update is a dense kernel matrix sparsified each step, not a rank-r product: see its "
+                "time entry.",
+    }
+
+    def peft_twin(self, backbone: Backbone) -> dict[str, Any]:
+        return {"r": self.r, "alpha": float(self.r), "dropout": self.dropout,
+                "modules": S.module_names(self.sites(backbone)),
+                "note": f"rank {self.r} on {'+'.join(self.targets)} (q/k/v as the fused qkv)"}
 
     # --- placement ----------------------------------------------------------------------
     def sites(self, backbone: Backbone) -> list[S.Site]:

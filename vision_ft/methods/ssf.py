@@ -18,7 +18,7 @@ code has no merge): ``W' = diag(gamma) W``, ``b' = gamma * b + beta``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -45,6 +45,16 @@ class SSF(Method):
     prefix = "ssf_"
     mergeable = True
     zero_init = False  # gamma ~ N(1, 0.02) perturbs the output at init, as in the paper
+
+    bench_notes = {
+        "time": "SSF scales and shifts the output of every linear, norm and the patch embedding: elementwise "
+                "passes over every activation in forward and backward, a reduction over all tokens per channel "
+                "for its gradients, and the input of every scale saved for backward (see the activations column).",
+    }
+
+    def paper_parameters(self) -> dict[str, Any] | None:
+        return {"value": 205_824, "precision": 1, "text": "205,824 (0.24M VTAB / 0.39M FGVC with heads)",
+                "compare": "trainable", "source": "SSF (Lian et al., NeurIPS 2022): 2*8448*12 + 2*1536"}
 
     def __init__(self, init_std: float = 0.02) -> None:
         self.init_std = init_std

@@ -170,6 +170,19 @@ class _SPT(Method):
         self.summary = self.summarise(backbone, sites, codes, counts)
         self.prepared = True
 
+    bench_notes = {
+        "time": "SPT's sparse deltas gather the selected input columns for every token (a tokens x k gather and "
+                "an index_add into a tokens x d_out buffer, in forward and again in backward) and keep each such "
+                "layer's input for their gradient, which a frozen linear alone would not (see the activations "
+                "column); its structured modules add dropout and DropPath, and it trains bias and LayerNorm "
+                "vectors.",
+    }
+
+    def paper_parameters(self) -> dict[str, Any]:
+        return {"value": self.budget, "precision": int(0.02 * self.budget) * 2,
+                "text": f"= budget {self.budget:,} (paper sweeps 0.2M-1.0M per task)", "compare": "trainable",
+                "source": "SPT (He et al., ICCV 2023): the budget is a per-task hyper-parameter"}
+
     def nominal_trainable_parameters(self, backbone: Backbone) -> int | None:
         """The budget before :meth:`prepare`; the realised count after."""
         return self.trainable_parameters(backbone) if self.prepared else self.budget
@@ -341,6 +354,25 @@ class SPTLoRA(_SPT):
 
     def structured_cost(self, d_out: int, d_in: int) -> int:
         return self.r * (d_in + d_out)
+
+    lora_family = True
+    bench_notes = {**_SPT.bench_notes,
+                   "peft": "the peft twin has SPT's LoRA modules only (same input dropout, without DropPath); SPT's "
+                           "sparse deltas and trained vectors add their own gather / index_add work and saved "
+                           "inputs."}
+
+    def peft_twin(self, backbone: Backbone) -> dict[str, Any] | None:
+        codes = self.allocation_codes(backbone)
+        if codes is None:
+            return None
+        names: list[str] = []
+        for t, code in zip(score_sites(backbone, self.vectors), codes):
+            if code == STRUCTURED and t.matrix and t.module not in names:
+                names.append(t.module)
+        if not names:
+            return None
+        return {"r": self.r, "alpha": float(self.r), "dropout": self.dropout, "modules": names,
+                "note": f"rank {self.r} on the {len(names)} modules SPT gave a LoRA (sparse deltas not in the twin)"}
 
     def make_module(self, d_out: int, d_in: int, generator: torch.Generator | None) -> nn.Module:
         return SPTLoRAModule(d_in, d_out, self.r, self.dropout, self.drop_path, generator)
