@@ -370,7 +370,7 @@ def markdown(sections: dict[str, Any], page: Path) -> str:
                 f"step's FLOPs): train step ≤ {TIME_GOAL:.2f} × full fine-tuning;",
                 f"- memory: it saves the gradient and both AdamW moments of every frozen base weight (12 bytes "
                 f"each): realise ≥ {MEMORY_GOAL:.0%} of that saving;",
-                f"- LoRA family: step ≤ {PEFT_GOAL:.2f} × HF peft's LoRA of the same rank and targets;",
+                f"- LoRA family: step ≤ {PEFT_GOAL:.2f} × HF peft's LoRA of the same rank, targets and input dropout;",
                 f"- merged inference ≤ {MERGE_GOAL:.2f} × the base model.", "",
                 md_table(*goals_table(goals)), ""]
         missed = [g for g in goals if g["met"] is False]
