@@ -10,11 +10,11 @@ Block indexing: as in ``OpenCLIP``, ``blocks`` lists the encoder layers of the t
 block ``i`` lives.
 
 Roles inside a block: transformers keeps ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` as
-separate ``nn.Linear`` modules that run their own forward, so :meth:`HFCLIP.linear` returns plain
-``nn.Linear`` modules for ``q k v proj fc1 fc2`` (forward hooks fire, peft can target them by
+separate ``nn.Linear`` modules that run their own forward, so :meth:`HFCLIP.weight_ref` names plain
+``nn.Linear`` modules for ``q k v proj fc1 fc2`` (sites hook their outputs, peft can target them by
 name). There is no packed ``qkv`` module: asking for role ``qkv`` raises a ``ConfigError`` that
-says to target ``q``, ``k``, ``v`` instead (timm-style methods that need a fused ``qkv``, such as
-SSF, therefore refuse this backbone instead of silently doing nothing).
+says to target ``q``, ``k``, ``v`` instead (SSF then scales q, k and v separately). Presets, known
+architectures and the offline tokenizer: :mod:`vision_ft.backbones.hf_clip_presets`.
 
 SigLIP (Zhai et al., "Sigmoid Loss for Language Image Pre-Training", ICCV 2023) differs from CLIP
 in ways this wrapper follows rather than hides: the image tower has no class token and pools with
@@ -59,11 +59,8 @@ Export: :meth:`HFCLIP.save_native` writes ``save_pretrained`` (``config.json`` +
 
 from __future__ import annotations
 
-import copy
-import gzip
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -74,86 +71,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError, ConfigError
-from .base import TwoTowerBackbone, WeightRef, first_line
+from .base import TwoTowerBackbone, WeightRef
+from .hf_clip_loading import HFCLIPLoading
+from .hf_clip_presets import (_FAMILY_MEAN_STD, _FAMILY_RESAMPLE, NATIVE_META)
 
 log = logging.getLogger("vision_ft")
 
 
-#: CLIP's BPE special tokens (ids in the 49,408-entry vocabulary).
-_SOT, _EOT = 49406, 49407
-
-#: Tiny architectures for tests and offline samples: name -> (family, config kwargs). Sizes mirror
-#: ``open_clip_test_tiny``: joint embedding 32, image tower 2 blocks of width 32 at 32 px, patch 8,
-#: text tower 2 blocks of width 32, CLIP's BPE vocabulary.
-TINY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "hf_clip_test_tiny": ("clip", {
-        "projection_dim": 32,
-        "text_config": {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
-                        "num_attention_heads": 2, "max_position_embeddings": 77,
-                        "bos_token_id": _SOT, "eos_token_id": _EOT, "pad_token_id": _EOT},
-        "vision_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-    }),
-    "hf_siglip_test_tiny": ("siglip", {
-        "text_config": {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
-                        "num_attention_heads": 2, "max_position_embeddings": 64, "projection_size": 32,
-                        "bos_token_id": _SOT, "eos_token_id": _EOT, "pad_token_id": _EOT},
-        "vision_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-    }),
-}
-
-#: Architectures of released checkpoints, written out so that a random init (``pretrained:
-#: false``) and ``methods --backbone <hub id>`` need no download. Weights still come only from
-#: ``pretrained: true`` or ``checkpoint``, which read the checkpoint's own config.json.
-_OPENAI_TEXT = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # as in the hub config.json files
-KNOWN_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "openai/clip-vit-base-patch32": ("clip", {"projection_dim": 512, "text_config": dict(_OPENAI_TEXT),
-                                              "vision_config": {"patch_size": 32}}),
-    "openai/clip-vit-base-patch16": ("clip", {"projection_dim": 512, "text_config": dict(_OPENAI_TEXT),
-                                              "vision_config": {"patch_size": 16}}),
-    "openai/clip-vit-large-patch14": ("clip", {
-        "projection_dim": 768,
-        "text_config": {**_OPENAI_TEXT, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
-        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                          "num_attention_heads": 16, "patch_size": 14}}),
-    # transformers' SiglipConfig defaults are this checkpoint's architecture
-    "google/siglip-base-patch16-224": ("siglip", {"text_config": {}, "vision_config": {}}),
-}
-
-#: the library's default image normalisation per family (used when no preprocessor config exists)
-_FAMILY_MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-                    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
-_FAMILY_RESAMPLE = {"clip": 3, "siglip": 2}  # PIL codes: 3 bicubic, 2 bilinear
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
-NATIVE_META = "vision_ft_native.json"
-
-
-def _classes(family: str):
-    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
-
-    return (CLIPConfig, CLIPModel) if family == "clip" else (SiglipConfig, SiglipModel)
-
-
-def _family_of(model_type: str | None) -> str | None:
-    return {"clip": "clip", "siglip": "siglip"}.get(str(model_type))
-
-
-def clip_bpe_tokenizer(context_length: int = 77):
-    """A ``transformers.CLIPTokenizer`` built offline from open_clip's bundled CLIP BPE
-    (``bpe_simple_vocab_16e6.txt.gz``): the vocabulary and merges of OpenAI CLIP's tokenizer."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
-    with gzip.open(default_bpe()) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    units = list(bytes_to_unicode().values())
-    vocab = units + [u + "</w>" for u in units] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=context_length)
-
-
-class HFCLIP(TwoTowerBackbone):
+class HFCLIP(HFCLIPLoading, TwoTowerBackbone):
     """A transformers CLIP (``CLIPModel``) or SigLIP (``SiglipModel``), both towers exposed.
 
     Args:
@@ -208,170 +133,6 @@ class HFCLIP(TwoTowerBackbone):
         self.context_length = int(self.model.config.text_config.max_position_embeddings)
         self.tokenizer, self.tokenizer_source = self._load_tokenizer()
         self._index_towers()
-
-    # --- loading -------------------------------------------------------------------
-    def _family_from_name(self) -> str | None:
-        """``clip`` / ``siglip`` for a preset or a known architecture, else None (unknown offline)."""
-        if self.name in TINY_PRESETS:
-            return TINY_PRESETS[self.name][0]
-        if self.name in KNOWN_ARCHITECTURES:
-            return KNOWN_ARCHITECTURES[self.name][0]
-        return None
-
-    def _name_config(self, resize: bool = True):
-        """The config of ``name``: a preset, a known architecture, or the hub's config.json
-        (``resize``: at ``image_size``)."""
-        if self.name in TINY_PRESETS or self.name in KNOWN_ARCHITECTURES:
-            family, kwargs = (TINY_PRESETS.get(self.name) or KNOWN_ARCHITECTURES[self.name])
-            config_cls, _ = _classes(family)
-            cfg = config_cls(**copy.deepcopy(kwargs))
-        else:
-            from transformers import AutoConfig
-
-            try:
-                cfg = AutoConfig.from_pretrained(self.name)
-            except Exception as e:  # unknown id, hub unreachable, empty cache
-                raise BackboneError(
-                    f"cannot read the architecture of {self.name!r} (backbone.init_args.name): "
-                    f"{type(e).__name__}: {first_line(e)}. Use a hub id of a CLIP/SigLIP model "
-                    f"({sorted(KNOWN_ARCHITECTURES)} need no download), a tiny preset {sorted(TINY_PRESETS)}, "
-                    "or offline backbone.init_args.checkpoint=/path/to/save_pretrained_folder") from None
-            if _family_of(cfg.model_type) is None:
-                raise BackboneError(f"{self.name!r} is a {cfg.model_type!r} model; HFCLIP takes CLIP or SigLIP "
-                                    "(backbone.init_args.name)")
-        if resize and self.image_size is not None:
-            cfg.vision_config.image_size = int(self.image_size)
-        return cfg
-
-    def _random(self, resize: bool = True) -> nn.Module:
-        cfg = self._name_config(resize)
-        _, model_cls = _classes(_family_of(cfg.model_type))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            return model_cls(cfg)
-
-    def _build(self) -> nn.Module:
-        if self.checkpoint:
-            model = self._from_checkpoint(Path(os.path.expanduser(self.checkpoint)))
-            self.weights_source = f"local checkpoint {self.checkpoint}"
-            return model
-        if self.pretrained:
-            if self.name in TINY_PRESETS:
-                raise BackboneError(f"the tiny preset {self.name!r} has no pretrained weights; set "
-                                    "backbone.init_args.pretrained=false or a real model name")
-            from transformers import AutoConfig
-
-            try:
-                family = _family_of(AutoConfig.from_pretrained(self.name).model_type)
-                if family is None:
-                    raise BackboneError(f"{self.name!r} is not a CLIP or SigLIP model (backbone.init_args.name)")
-                model = _classes(family)[1].from_pretrained(self.name, dtype=torch.float32)
-            except BackboneError:
-                raise
-            except Exception as e:  # hub unreachable, cache empty, unknown id
-                raise BackboneError(
-                    f"transformers weights {self.name!r} are not reachable ({type(e).__name__}: {first_line(e)}). "
-                    "Offline, set backbone.init_args.checkpoint=/path/to/folder (written by save_pretrained, "
-                    "e.g. a snapshot of the hub repository) or backbone.init_args.pretrained=false for random "
-                    "init.") from None
-            self._image_cfg = _hub_image_cfg(self.name)
-            self.weights_source = f"pretrained {self.name} (transformers hub)"
-            return model
-        model = self._random()
-        self.weights_source = (
-            f"random init (seed {self.init_seed}): no pretrained weights requested; set "
-            "backbone.init_args.checkpoint=... or backbone.init_args.pretrained=true with hub access")
-        return model
-
-    def _from_checkpoint(self, path: Path) -> nn.Module:
-        key = "backbone.init_args.checkpoint"
-        if path.is_dir():
-            config_file = path / "config.json"
-            if not config_file.is_file():
-                raise BackboneError(f"{key}={self.checkpoint!r} is a folder without config.json; give a folder "
-                                    "written by transformers' save_pretrained (or vision_ft export)")
-            try:
-                model_type = json.loads(config_file.read_text()).get("model_type")
-            except json.JSONDecodeError as e:
-                raise BackboneError(f"{config_file} is not valid JSON ({e}) ({key})") from None
-            family, expected = _family_of(model_type), self._family_from_name()
-            if family is None or (expected is not None and family != expected):
-                raise BackboneError(
-                    f"checkpoint {str(path)!r} holds a {model_type!r} model, which does not fit {self.name!r} "
-                    f"({key} / backbone.init_args.name; HFCLIP takes CLIP or SigLIP, the name's family: {expected})")
-            try:
-                model = _classes(family)[1].from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
-            except Exception as e:  # missing or truncated weights
-                raise BackboneError(f"checkpoint {str(path)!r} cannot be loaded by transformers ({key}): "
-                                    f"{type(e).__name__}: {first_line(e)}") from None
-            self._image_cfg = _read_json(path / "preprocessor_config.json")
-            return model
-        if not path.is_file():
-            raise BackboneError(f"{key}={self.checkpoint!r}: no such file or folder")
-        model = self._random(resize=False)  # the weights' own size; resampled to image_size afterwards
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-            model.load_state_dict(state, strict=True)
-        except Exception as e:  # shape mismatch, missing keys, refused pickle
-            raise BackboneError(f"checkpoint {str(path)!r} does not fit transformers model {self.name!r} "
-                                f"({key} / backbone.init_args.name): {first_line(e)}") from None
-        return model
-
-    def _load_tokenizer(self):
-        """(tokenizer or None, description); None: tokenize() raises with the description."""
-        source = None
-        if self.checkpoint and Path(os.path.expanduser(self.checkpoint)).is_dir():
-            folder = Path(os.path.expanduser(self.checkpoint))
-            if any((folder / f).is_file() for f in _TOKENIZER_FILES):
-                source = str(folder)
-        elif self.pretrained:
-            source = self.name
-        if source is None and self.name in TINY_PRESETS:
-            return clip_bpe_tokenizer(self.context_length), "CLIP BPE (open_clip's bundled vocabulary)"
-        error = ("no tokenizer files in the checkpoint folder" if self.checkpoint
-                 else "random init: the model's tokenizer files are not downloaded")
-        if source is not None:
-            from transformers import AutoTokenizer
-
-            try:
-                return AutoTokenizer.from_pretrained(source), f"AutoTokenizer({source})"
-            except Exception as e:  # e.g. SigLIP's SentencePiece model without the sentencepiece package
-                error = f"AutoTokenizer({source!r}) failed: {type(e).__name__}: {first_line(e)}"
-        if self.family == "clip":
-            log.info("[vision_ft] %s: %s; using CLIP's BPE from open_clip's bundled vocabulary (the same BPE)",
-                     self.name, error)
-            return clip_bpe_tokenizer(self.context_length), "CLIP BPE (open_clip's bundled vocabulary)"
-        return None, (f"SigLIP's own SentencePiece tokenizer is needed ({error}); set "
-                      "backbone.init_args.checkpoint to a save_pretrained folder with its tokenizer files "
-                      "(reading spiece.model needs the sentencepiece package) or pretrained=true with hub access")
-
-    def _config_image_size(self) -> int:
-        size = self.model.config.vision_config.image_size
-        return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-    def _resize_positions(self, size: int) -> None:
-        """Resample the image tower's position table to ``size`` px with transformers' own
-        ``interpolate_pos_encoding`` and update the config, so the native export loads at ``size``."""
-        emb = self.model.vision_model.embeddings
-        if size % emb.patch_size:
-            raise ConfigError(f"backbone.init_args.image_size={size} is not a multiple of the patch size "
-                              f"{emb.patch_size}")
-        n = (size // emb.patch_size) ** 2
-        n_positions = n + (1 if self.family == "clip" else 0)
-        with torch.no_grad():
-            probe = torch.zeros(1, n_positions, emb.embed_dim)
-            table = emb.interpolate_pos_encoding(probe, size, size)[0].clone()
-        emb.position_embedding = nn.Embedding.from_pretrained(table, freeze=False)
-        emb.image_size, emb.num_patches, emb.num_positions = size, n, n_positions
-        emb.position_ids = torch.arange(n_positions).expand((1, -1)).clone()
-        for cfg in {id(c): c for c in (self.model.config.vision_config, self.model.vision_model.config,
-                                       emb.config)}.values():
-            cfg.image_size = size
 
     # --- structure -----------------------------------------------------------------
     def _tower_prefix(self, tower: str) -> str:
@@ -592,31 +353,3 @@ class HFCLIP(TwoTowerBackbone):
         """Position embeddings of both towers and the class embedding (what open_clip's CLIP lists)."""
         return [n for n, _ in self.model.named_parameters()
                 if n.endswith(("embeddings.position_embedding.weight", "embeddings.class_embedding"))]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        log.warning("[vision_ft] %s is not valid JSON; using the default image normalisation", path)
-        return {}
-
-
-def _hub_image_cfg(name: str) -> dict[str, Any]:
-    """The hub repository's (or local folder's) preprocessor_config.json (mean, std, resampling),
-    {} if unreachable."""
-    if Path(name).is_dir():
-        return _read_json(Path(name) / "preprocessor_config.json")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return _read_json(Path(hf_hub_download(name, "preprocessor_config.json")))
-    except Exception as e:  # noqa: BLE001 - optional file: fall back to the family defaults
-        log.info("[vision_ft] %s: no preprocessor_config.json (%s); using the library's default normalisation",
-                 name, first_line(e))
-        return {}
-
-
-def is_hf_clip_name(name: str) -> bool:
-    """Whether ``name`` is an HFCLIP tiny preset or a known transformers CLIP/SigLIP architecture."""
-    return name in TINY_PRESETS or name in KNOWN_ARCHITECTURES
