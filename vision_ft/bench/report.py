@@ -11,65 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-#: a PEFT step skips the weight-gradient products of frozen layers (~1/3 of a step)
-TIME_GOAL = 0.70
-#: share of the ideal saving (grad + 2 AdamW moments of every frozen base weight) realised
-MEMORY_GOAL = 0.90
-#: LoRA-family step time vs HF peft's LoRA of the same rank and targets
-PEFT_GOAL = 1.05
-#: merged model latency vs the untouched base model
-MERGE_GOAL = 1.02
-
-def _why(name: str, goal: str) -> str:
-    """The method's own note on why it misses ``goal`` (``Method.bench_notes``)."""
-    from ..methods import registered
-
-    cls = registered().get(name)
-    note = cls.bench_notes.get(goal) if cls is not None else None
-    return note or f"not analysed yet: add the reason to {name}'s bench_notes[{goal!r}] (vision_ft.methods)"
-
-
-# --- goals -------------------------------------------------------------------------------------------
-def evaluate_goals(train: dict[str, Any] | None, infer: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """One row per (method, goal) with the measured value, the target, whether it is met and why not."""
-    rows: list[dict[str, Any]] = []
-
-    def add(row: dict[str, Any], goal: str, text: str, value: float | None, target: float, lower: bool,
-            met: bool | None = None, shown: str | None = None, why: str | None = None) -> None:
-        if met is None and value is not None:
-            met = value <= target if lower else value >= target
-        if met is False and why is None:
-            why = _why(row["name"], goal)
-        rows.append({"method": row["method"], "name": row["name"], "goal": goal, "what": text, "value": value,
-                     "shown": shown if shown is not None else _x(value, 3), "target": target,
-                     "comparison": "<=" if lower else ">=", "met": met, "why": why if met is False else None})
-
-    if train:
-        for r in train["rows"]:
-            if r["name"] == "full":
-                continue
-            add(r, "time", "train step / full fine-tuning", r.get("ratio_vs_full"), TIME_GOAL, True)
-            mem = r["memory"]
-            ideal, realised = mem["ideal_saving_bytes"], mem["realised_saving_bytes"]
-            fraction = mem.get("saving_fraction")
-            shown = f"{100 * fraction:.1f}%" if fraction is not None else \
-                f"{realised / 2**20:+,.1f} MB (no frozen base weights)"
-            add(r, "memory", "realised / ideal saving of persistent state", fraction, MEMORY_GOAL, False,
-                met=realised >= MEMORY_GOAL * ideal, shown=shown)
-            if r.get("ratio_vs_peft") is not None:
-                add(r, "peft", "train step / peft LoRA twin", r["ratio_vs_peft"], PEFT_GOAL, True)
-    if infer:
-        for r in infer["rows"]:
-            if r.get("merged_ratio") is None:
-                continue
-            why = None
-            if r.get("merged_plain_model") and r["merged_ratio"] > MERGE_GOAL:
-                why = (f"the merged model is the plain timm model (no hooks, the base parameter count), so the "
-                       f"gap is timing noise: the base model's own spread in this row is "
-                       f"{100 * r['base_merged']['spread']:.0f}% of its median.")
-            add(r, "merge", "merged latency / base model", r["merged_ratio"], MERGE_GOAL, True, why=why)
-    return rows
-
+from .goals import MEMORY_GOAL, MERGE_GOAL, PEFT_GOAL, TIME_GOAL, evaluate_goals
+from .plots import plot_ratios, plot_transfer
 
 # --- formatting --------------------------------------------------------------------------------------
 def _n(v: int | None) -> str:
@@ -195,74 +138,6 @@ def terminal_report(sections: dict[str, Any]) -> str:
 
 
 # --- plots -------------------------------------------------------------------------------------------
-def plot_ratios(train: dict[str, Any] | None, infer: dict[str, Any] | None, path: Path) -> Path | None:
-    """Bars per method: step time and memory vs full fine-tuning, inference vs base, with the goals."""
-    if not train and not infer:
-        return None
-    from ..plots import _save, plt
-
-    panels = []
-    if train:
-        rows = train["rows"]
-        labels = [r["method"] for r in rows]
-        subject = [r["name"] != "full" for r in rows]
-        panels.append(("train step time / full FT (grey: the reference itself)", labels,
-                       [r.get("ratio_vs_full") for r in rows], TIME_GOAL, subject))
-        panels.append(("persistent memory / full FT", labels,
-                       [r["memory"].get("persistent_ratio_vs_full") for r in rows], None, subject))
-        if any(r.get("peak") for r in rows):
-            panels.append(("peak memory of steps / full FT", labels,
-                           [(r.get("peak") or {}).get("ratio_vs_full") for r in rows], None, subject))
-    if infer:
-        rows = infer["rows"]
-        labels = [r["method"] for r in rows]
-        panels.append(("inference / base (merged; grey: not mergeable, unmerged, no goal)", labels,
-                       [r["merged_ratio"] if r.get("merged_ratio") is not None else r["unmerged_ratio"]
-                        for r in rows], MERGE_GOAL, [r.get("merged_ratio") is not None for r in rows]))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7, 0.6 * max(len(p[1]) for p in panels) + 2),
-                                                      2.8 * len(panels)), squeeze=False)
-    for ax, (title, labels, values, goal, subject) in zip(axes[:, 0], panels):
-        vals = [float("nan") if v is None else v for v in values]
-        colors = ["tab:gray" if not sub else "tab:red" if goal is not None and v == v and v > goal else "tab:blue"
-                  for v, sub in zip(vals, subject)]
-        ax.bar(range(len(vals)), vals, color=colors)
-        ax.axhline(1.0, color="black", lw=0.8)
-        if goal is not None:
-            ax.axhline(goal, color="tab:green", ls="--", lw=1, label=f"goal {goal:.2f}")
-            ax.legend(fontsize=8, loc="upper left")
-        ax.set_xticks(range(len(labels)), labels=labels, rotation=35, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_transfer(transfer: dict[str, Any] | None, path: Path) -> Path | None:
-    """Target accuracy and source retention vs trainable parameters (head included, log scale)."""
-    if not transfer:
-        return None
-    from ..plots import _save, plt
-
-    rows = transfer["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, title in ((axes[0], "target_acc", "target accuracy"), (axes[1], "retention", "source retention")):
-        for r in rows:
-            x = max(1, r["trainable_with_head"])
-            ax.errorbar([x], [r[f"{key}_mean"]], yerr=[r[f"{key}_std"]], fmt="o", capsize=3)
-            ax.annotate(r["method"], (x, r[f"{key}_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        if key == "retention" and transfer.get("source_acc") is not None:
-            ax.axhline(transfer["source_acc"], color="gray", ls="--", lw=1, label="source acc before adaptation")
-            ax.legend(fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (head included, log)")
-        ax.set_ylabel(title)
-        ax.set_title(f"{title} (mean ± std over {len(transfer['seeds'])} seeds)", fontsize=10)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-# --- the page ------------------------------------------------------------------------------------------
 FULL_COMMANDS = (
     "python -m vision_ft bench all --out runs/bench --report docs/benchmarks.md\n"
     "python -m vision_ft bench transfer --out runs/bench --report docs/benchmarks.md"
