@@ -1,4 +1,4 @@
-"""DR-Tune invariants (METHODS.md card "DR-Tune") on tiny ViTs and on the real ViT-B/16 architecture."""
+"""DR-Tune invariants (docs/methods/dr_tune.md) on tiny ViTs and on the real ViT-B/16 architecture."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""MoSA invariants (METHODS.md card "MoSA") on tiny ViTs and on the real ViT-B/16 architecture."""
+"""MoSA invariants (docs/methods/mosa.md) on tiny ViTs and on the real ViT-B/16 architecture."""
 
 import types
 

@@ -1,4 +1,4 @@
-"""SNELL invariants (METHODS.md card "SNELL"): sparsity, rank, merge, checkpointed gradient, count."""
+"""SNELL invariants (docs/methods/snell.md): sparsity, rank, merge, checkpointed gradient, count."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""SSF and LoRA invariants from METHODS.md, on tiny and on the real ViT-B/16 architecture."""
+"""SSF and LoRA invariants (docs/methods/ssf.md, docs/methods/lora.md) on tiny and on the real ViT-B/16 architecture."""
 
 import pytest
 import torch

@@ -147,7 +147,7 @@ class Adapter(Method):
 
     On ViT-B/16, bottleneck 8: ``12 * (2*768*8 + 8 + 768) = 156,768`` parameters
     (``["mlp"]``), 313,536 with ``["attn", "mlp"]``; head excluded. Anchor
-    (METHODS.md): Adapter-8 FGVC 85.5 / VTAB group mean 73.9.
+    (docs/methods/adapter.md): Adapter-8 FGVC 85.5 / VTAB group mean 73.9.
 
     Init: Down Kaiming-uniform, Up = 0 (identity at init, ``zero_init``), not
     Houlsby's near-zero normal init of both layers. Not mergeable (nonlinear); the

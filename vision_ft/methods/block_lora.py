@@ -29,7 +29,7 @@ class BlockLoRA(CLIPLoRA):
 
     Source. Only the abstract and third-party summaries of arXiv:2501.16720 could be read here (the
     method section and tables were not reachable from this environment, and no official code is
-    public), so this follows the project's METHODS.md card. What the abstract fixes: Block-LoRA
+    public), so this follows the card docs/methods/block_lora.md. What the abstract fixes: Block-LoRA
     "partitions the original low-rank decomposition matrix of LoRA into a series of sub-matrices
     while sharing all down-projection sub-matrices", which "reduces the number of training
     parameters" and "transforms certain complex matrix multiplication operations into simpler matrix

@@ -27,11 +27,11 @@ class CompLoRA(CLIPLoRA):
 
     Source. Only the abstract and third-party summaries of arXiv:2501.15040 could be read here
     (the method section and tables were not reachable from this environment, and no official code
-    is public), so this follows the project's METHODS.md card ("working design until the paper says
+    is public), so this follows the method card docs/methods/comp_lora.md ("working design until the paper says
     otherwise"). What the abstract fixes: LoRA is applied to CLIP for few-shot classification, the
     low-rank matrix is optimised "in the complementary subspace" of "the most informative direction[s]
     of the pretrained weight matrix", and the result surpasses "the baseline method" (LoRA applied
-    directly to the VLM; METHODS.md reads it as CLIP-LoRA) by about +1.0% top-1 and preserves the
+    directly to the VLM; the card reads it as CLIP-LoRA) by about +1.0% top-1 and preserves the
     zero-shot top-1 better by about +1.3%. No number below comes from a table of that paper.
 
     Parameterisation (per adapted site, ``W`` = the frozen ``d_out x d_in`` weight; for open_clip's

@@ -9,7 +9,7 @@ term shapes the head, which keeps the encoder from over-fitting the few
 downstream samples. Inference uses ``f_theta`` + ``h`` only.
 
 Per training step (official code ``model.py``: ``forward``, ``semantic_calibration``,
-``rot_align``, ``_dequeue_and_enqueue``; METHODS.md card "DR-Tune"):
+``rot_align``, ``_dequeue_and_enqueue``; method card docs/methods/dr_tune.md):
 
 1. ``z = f_theta(x)`` (with gradient), ``z0 = f_0(x)`` (no gradient, eval mode).
 2. Calibrate the queued pretrained features, without gradient, using only the
@@ -74,7 +74,7 @@ method as described in the paper):
   none) and the task's loss (label smoothing included). Single-label only.
 
 The full paper text was not reachable from this environment: formulas above are
-read from the official code and the METHODS.md card, not from numbered equations.
+read from the official code and the card docs/methods/dr_tune.md, not from numbered equations.
 
 Cost: training runs a second (frozen, no-grad) forward per step, keeps a second
 copy of the backbone in memory and an SVD of a D x D matrix every
@@ -196,7 +196,7 @@ class DRTune(Method):
     the ``drtune_*`` queue / alignment buffers (saved, so resume is exact).
 
     Recipe (``configs/methods/dr_tune.yaml``; official ``configs/cifar10_k2048_lr001.yaml``
-    and METHODS.md card): SGD momentum 0.9 nesterov, lr 0.01 backbone / 0.33 head,
+    and docs/methods/dr_tune.md): SGD momentum 0.9 nesterov, lr 0.01 backbone / 0.33 head,
     weight decay 1e-4, cosine schedule without warm-up, 100 epochs, batch 64.
 
     Args:

@@ -40,7 +40,7 @@ Choices against the official code (every one also in the class docstring):
 - Crops come from the batch the datamodule gives (already resized), with ``torchvision.ops.roi_align``
   (bilinear with adaptive supersampling) instead of PIL bicubic on the original file.
 - The released code applies the diversity term to the ID *local* prompt features (normalised by the
-  number of negative prompts); the method card and the paper's text apply it to the negative prompts.
+  number of negative prompts); docs/methods/local_prompt.md and the paper's text apply it to the negative prompts.
   Default ``diversity_on: negative``; ``local`` reproduces the released code.
 
 Parameters on ViT-B/16 (text width 512), ImageNet-1k (K = 1000): ``1000 * 16 * 512 + 300 * 16 * 512
@@ -275,7 +275,7 @@ class LocalPrompt(Method):
         temperature: ``T`` of the losses (on ``exp(t) cos``) and of the scores (on ``cos``) (``--T 1``).
         negative_weight: weight of the negative loss (``--lambda_value 5``).
         diversity_weight: weight of the diversity loss (``--div_value 0.5``).
-        diversity_on: ``negative`` (the method card / paper text) or ``local`` (the released code, which
+        diversity_on: ``negative`` (the paper text, docs/methods/local_prompt.md) or ``local`` (the released code, which
             applies it to the ID local prompt features).
         num_crops: random crops per image for negative augmentation (16 views from the data loader).
         num_positive: best-scoring crops used as positives (``--num_pos 8``); the lowest is the negative.

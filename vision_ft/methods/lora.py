@@ -5,7 +5,7 @@ model is unchanged at init. Targets are roles (``qkv proj fc1 fc2``) resolved to
 module names by the backbone, and peft injects its ``lora.Linear`` layers in
 place: the model keeps its type. Merge goes through peft's ``merge_and_unload``.
 
-Anchor (METHODS.md): LoRA-8 FGVC 86.0 / VTAB group 74.9. On ViT-B/16 with r=8
+Anchor (docs/methods/lora.md): LoRA-8 FGVC 86.0 / VTAB group 74.9. On ViT-B/16 with r=8
 on the fused qkv of all 12 blocks: ``8 * (768 + 2304) * 12 = 294,912`` parameters.
 """
 

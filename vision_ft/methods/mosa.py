@@ -24,7 +24,7 @@ optional consistency loss (``MODEL.ADAPTER.ADDITIONAL``, ``REG_WEIGHT 1.0``) run
 a second stochastic forward and adds the symmetric KL between the two
 predictions, ``0.5 [KL(sg(q) || p) + KL(sg(p) || q)]``, batch mean
 (``src/solver/losses.py symmetric_KL_loss``): about 2x training compute. It is off
-by default here (METHODS.md card), although the released scripts turn it on.
+by default here (method card docs/methods/mosa.md), although the released scripts turn it on.
 
 Eval forwards use the merged adapter ``Up_bar`` (the official code merges before
 every validation); :meth:`MoSA.on_train_end` folds the experts into one ordinary
@@ -61,7 +61,7 @@ Choices where the code leaves room, and differences from it:
   not divide ``d b``.
 - The adapter output is added outside the MLP's drop-path (as in MoSABlock).
 
-Recipe (METHODS.md card, official scripts): AdamW, weight decay 0.01, batch 128,
+Recipe (docs/methods/mosa.md, official scripts): AdamW, weight decay 0.01, batch 128,
 100 epochs with 10 warm-up; FGVC bottleneck 64, lr 1e-3; VTAB bottleneck 16, lr
 5e-3. Anchor: FGVC 89.9, VTAB group mean 71.4.
 """

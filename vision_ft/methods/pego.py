@@ -25,7 +25,7 @@ Which products: the official ``PEGO.update`` (``domainbed/algorithms/
 algorithms.py``) takes the full update ``dW_i = B_i A_i`` in both terms, never
 the ``A`` factors alone: ``|W_q (B_i A_i)^T|`` and ``|(B_i A_i)(B_j A_j)^T|`` for
 ``j > i``, summed with ``.abs().sum()``, for q and v of every block, times
-``ld = 1e-3``. That is the card's equation (METHODS.md "PEGO"), so code and card
+``ld = 1e-3``. That is the card's equation (docs/methods/pego.md), so code and card
 agree and there is no difference to arbitrate. (Commented-out lines in the
 official code try ``W^T dW`` and squared variants; they are not the method.) The
 paper text could not be consulted offline for this implementation.

@@ -38,7 +38,7 @@ only. In eval mode ``W' = W + dW`` exactly, so
 
 On ViT-B/16 with r = 8 on q,k,v,proj,fc1,fc2 of the 12 blocks:
 ``12 * 8 * (4 * (768 + 768) + 2 * (768 + 3072)) = 1,327,104`` trainable parameters
-(1.33M in the METHODS.md card, head excluded; r = 32: 5,308,416).
+(1.33M in docs/methods/snell.md, head excluded; r = 32: 5,308,416).
 
 Choices and deviations:
 

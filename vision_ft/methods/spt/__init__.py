@@ -1,7 +1,7 @@
 """SPT: Sensitivity-aware visual Parameter-efficient fine-Tuning (He et al., ICCV 2023).
 
 Two stages (paper Sec. 3; official code ``ziplab/SPT``: ``engine.get_sensitivity``,
-``model/vision_transformer_timm.py``; METHODS.md card "SPT"):
+``model/vision_transformer_timm.py``; method card docs/methods/spt.md):
 
 1. **Sensitivity** (paper Sec. 3.1, "parameter sensitivity"; first-order Taylor
    estimate of the loss drop from tuning one parameter): on ``n_images`` training
