@@ -63,7 +63,7 @@ def test_the_parser_sees_what_tasks_read():
     reads = _task_reads()
     assert {"class_text_features", "training_loss", "provides_text_features"} <= reads["clip_classification.py"]
     assert {"ood_scores", "id_logits"} <= reads["clip_ood.py"]
-    assert {"trains_base_weights", "adds_tensors", "is_trainable"} <= reads["detection.py"]
+    assert {"trains_base_weights", "adds_tensors", "is_trainable"} <= reads["detection_policy.py"]
     assert {"requires_text_tower", "needs_image_classification_task", "regularizer"} <= reads["base.py"]
 
 

@@ -121,11 +121,7 @@ class ImageClassificationTask(BaseTask):
         loss = self.checked_loss(self.add_regularizers(self.loss(logits, batch["label"]), outputs, batch))
         if loss is None:
             return None
-        self.log("train/loss", loss, prog_bar=True)
-        self.train_loss_epoch.update(loss.detach())
-        if self.global_step % 10 == 0:
-            steps = max(1, self.trainer.num_training_batches)
-            self.record("train/loss_step", loss.item(), x=self.current_epoch + batch_idx / steps)
+        self.log_train_loss(loss, batch_idx)
         return loss
 
     def setup(self, stage: str) -> None:

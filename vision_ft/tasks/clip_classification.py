@@ -33,7 +33,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..backbones import Backbone
@@ -201,11 +200,7 @@ class CLIPClassificationTask(BaseTask):
         loss = self.checked_loss(self.add_regularizers(loss, outputs, batch))
         if loss is None:
             return None
-        self.log("train/loss", loss, prog_bar=True)
-        self.train_loss_epoch.update(loss.detach())
-        if self.global_step % 10 == 0:
-            self.record("train/loss_step", loss.item(),
-                        x=self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches))
+        self.log_train_loss(loss, batch_idx)
         return loss
 
     def on_validation_epoch_start(self) -> None:

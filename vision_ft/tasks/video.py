@@ -16,10 +16,6 @@ video, then averages over videos (:mod:`vision_ft.metrics.temporal`, pitfalls do
 
 from __future__ import annotations
 
-import csv
-import io
-import re
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -32,10 +28,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..backbones import Backbone
 from ..data.video import clip_indices
 from ..errors import ConfigError
-from ..export import atomic_write_text, update_metrics
+from ..export import update_metrics
 from ..methods import Method
-from ..metrics.temporal import PerFramePredictions, aggregate, plot_phase_ribbon, sequence_metrics
+from ..metrics.temporal import PerFramePredictions, aggregate, sequence_metrics
 from .base import BaseTask
+from .video_outputs import safe_name, write_test_files
 
 
 class VideoPhaseTask(BaseTask):
@@ -177,11 +174,7 @@ class VideoPhaseTask(BaseTask):
         loss = self.checked_loss(self.add_regularizers(self.loss(outputs["logits"], batch["label"]), outputs, batch))
         if loss is None:  # non-finite, skipped (on_nonfinite=skip)
             return None
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
-        self.train_loss_epoch.update(loss.detach())
-        if self.global_step % 10 == 0:
-            steps = max(1, self.trainer.num_training_batches)
-            self.record("train/loss_step", loss.item(), x=self.current_epoch + batch_idx / steps)
+        self.log_train_loss(loss, batch_idx, batch_size=len(batch["label"]))
         return loss
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
@@ -236,7 +229,7 @@ class VideoPhaseTask(BaseTask):
         if per_phase:
             for metric in ("precision", "recall", "jaccard", "f1"):
                 for name, value in zip(self.class_names, strict[f"{metric}_per_class"]):
-                    values[f"{stage}/phase_{metric}_{_safe(name)}"] = value
+                    values[f"{stage}/phase_{metric}_{safe_name(name)}"] = value
         if "relaxed" in results:
             for key in ("video_acc", "precision", "recall", "jaccard", "f1"):
                 values[f"{stage}/{key}_relaxed"] = results["relaxed"][key]
@@ -262,35 +255,11 @@ class VideoPhaseTask(BaseTask):
         run_dir = self.run_dir
         names = list(getattr(self.trainer.datamodule, "video_ids", []) or [])
         video_name = {v: names[v] if v < len(names) else f"video{v}" for v in results["videos"]}
-        self._write_test_files(run_dir, results, video_name)
+        write_test_files(run_dir, results, video_name, self.class_names, fps=self.fps,
+                         ribbon_videos=self.ribbon_videos)
         if (run_dir / "adapter.json").is_file():
             update_metrics(run_dir, self.final_metrics("test/"))
             rank_zero_info(f"[vision_ft] test metrics added to {run_dir / 'adapter.json'}")
-
-    def _write_test_files(self, run_dir: Path, results: dict[str, Any], video_name: dict[int, str]) -> None:
-        table = io.StringIO()
-        writer = csv.writer(table)
-        header = ["video", "frames", "accuracy", "precision", "recall", "jaccard", "f1"]
-        relaxed = results.get("per_video_relaxed")
-        if relaxed:
-            header += ["accuracy_relaxed", "jaccard_relaxed", "f1_relaxed"]
-        writer.writerow(header)
-        for v, m in sorted(results["per_video"].items()):
-            row = [video_name[v], m["frames"], _r(m["accuracy"])] + [_r(_nanmean(m[k]))
-                                                                    for k in ("precision", "recall", "jaccard", "f1")]
-            if relaxed:
-                r = relaxed[v]
-                row += [_r(r["accuracy"]), _r(_nanmean(r["jaccard"])), _r(_nanmean(r["f1"]))]
-            writer.writerow(row)
-        atomic_write_text(run_dir / "test_per_video.csv", table.getvalue())
-        for v, (frames, pred, target) in sorted(results["videos"].items()):
-            lines = ["Frame\tPhase"] + [f"{f}\t{self.class_names[p]}" for f, p in zip(frames, pred)]
-            atomic_write_text(run_dir / "predictions" / f"{_safe(video_name[v])}-phase.txt", "\n".join(lines) + "\n")
-        for v in sorted(results["videos"])[: self.ribbon_videos]:
-            frames, pred, target = results["videos"][v]
-            acc = results["per_video"][v]["accuracy"]
-            plot_phase_ribbon(target, pred, self.class_names, run_dir / f"ribbon_{_safe(video_name[v])}.png",
-                              fps=self.fps, title=f"{video_name[v]}: accuracy {acc:.3f} (test)")
 
     # --- inference ---------------------------------------------------------------------
     @torch.no_grad()
@@ -307,15 +276,3 @@ class VideoPhaseTask(BaseTask):
             out.append(self(batch).argmax(-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "x"
-
-
-def _nanmean(values: np.ndarray) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
-
-
-def _r(value: float) -> str:
-    return "" if value is None or np.isnan(value) else f"{float(value):.6f}"
