@@ -130,3 +130,42 @@ def test_every_family_has_pairs_that_apply():
     for family in FAMILIES:
         applied = [m for m in METHODS if (family, m) not in REFUSED]
         assert len(applied) >= len(METHODS) - 1, family
+
+
+def _runtime_imports(tree):
+    """Import statements executed at import time (``if TYPE_CHECKING:`` blocks skipped)."""
+    import ast
+
+    def walk(nodes):
+        for node in nodes:
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                yield from walk(node.orelse)
+                continue
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                yield node
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                yield from walk(getattr(node, field, []) or [])
+
+    return list(walk(tree.body))
+
+
+def test_no_method_module_imports_a_backbone_module_or_names_a_family():
+    """Methods touch weights only through sites: no runtime import from vision_ft.backbones, no backbone class
+    used in code (a method that needs a family's knowledge asks the backbone; error messages may name one)."""
+    import ast
+    from pathlib import Path
+
+    import vision_ft.methods
+
+    families = ("TimmViT", "OpenCLIP", "HFCLIP", "DFineDetector", "PackedSlice", "AttentionWeight")
+    offenders = []
+    for path in sorted(Path(vision_ft.methods.__file__).parent.rglob("*.py")):
+        text = path.read_text()
+        for node in _runtime_imports(ast.parse(text)):
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ",".join(a.name for a in node.names)
+            if "backbones" in module:
+                offenders.append(f"{path.name}:{node.lineno} imports {module}")
+        names = {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name)}
+        names |= {n.attr for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Attribute)}
+        offenders += [f"{path.name} uses {name}" for name in families if name in names]  # messages may name them
+    assert not offenders, offenders

@@ -86,6 +86,11 @@ class Backbone(nn.Module):
                 return WeightRef(name, "weight", "bias" if "bias" in m._parameters else None)
         raise ConfigError(f"{type(module).__name__} is not a module of this backbone")
 
+    def class_token(self) -> tuple[str, str] | None:
+        """``(parameter, module)``: the class-token parameter and the module whose input starts with it
+        (token 0, batch first), where a method adds a class-token delta; ``None`` without one (default)."""
+        return None
+
     # --- towers (two-tower backbones override) --------------------------------------------
     def tower_names(self) -> list[str]:
         """The towers whose blocks ``blocks`` lists (``[]``: a single-tower model)."""

@@ -195,6 +195,15 @@ class OpenCLIP(TwoTowerBackbone):
         i = "qkv".index(role)
         return WeightRef(attn, "in_proj_weight", "in_proj_bias", i * d, (i + 1) * d, key=role, reader=attn)
 
+    def class_token(self) -> tuple[str, str] | None:
+        """The image tower's ``class_embedding``, token 0 of ``patch_dropout``'s input (after the position
+        embedding; patch dropout always keeps it); ``None`` when the visual tower is not exposed."""
+        visual = self.model.visual
+        if "visual" not in self.towers or getattr(visual, "class_embedding", None) is None \
+                or not isinstance(getattr(visual, "patch_dropout", None), nn.Module):
+            return None
+        return "visual.class_embedding", "visual.patch_dropout"
+
     def norms(self, block: int) -> dict[str, nn.Module]:
         b = self.blocks[block]
         return {"norm1": b.ln_1, "norm2": b.ln_2}
@@ -339,7 +348,8 @@ def build_backbone_for_counts(name: str) -> Backbone:
 
     if name in TINY_PRESETS or open_clip.get_model_config(name) is not None:
         return OpenCLIP(name)
-    from .hf_clip import HFCLIP, is_hf_clip_name
+    from .hf_clip import HFCLIP
+    from .hf_clip_presets import is_hf_clip_name
 
     if is_hf_clip_name(name):
         return HFCLIP(name)

@@ -155,6 +155,17 @@ class TimmViT(Backbone):
             return WeightRef(name, start=i * d, stop=(i + 1) * d, key=role)
         return WeightRef(name)
 
+    def class_token(self) -> tuple[str, str] | None:
+        """``cls_token``, seen by ``pos_drop`` (after the position embedding), or by ``norm_pre`` without one."""
+        model = self.model
+        if getattr(model, "cls_token", None) is None:
+            return None
+        if getattr(model, "pos_embed", None) is not None and isinstance(getattr(model, "pos_drop", None), nn.Module):
+            return "cls_token", "pos_drop"
+        if isinstance(getattr(model, "norm_pre", None), nn.Module):
+            return "cls_token", "norm_pre"
+        return None
+
     def norms(self, block: int) -> dict[str, nn.Module]:
         b = self.model.blocks[block]
         return {"norm1": b.norm1, "norm2": b.norm2}

@@ -22,15 +22,17 @@ text-encoder pass over K prompts, the same as zero-shot CLIP.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-from ..backbones import Backbone
 from ..errors import ConfigError
 from .base import Method
 from .registry import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
 
 _NEEDS = ("tokenize", "token_embedding", "encode_text_embeddings", "eot_indices", "count_tokens")
 

@@ -61,18 +61,20 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import Backbone
 from ..errors import ConfigError
 from .base import Method, has_prefix
 from .coop import _NEEDS as _TEXT_TOWER_NEEDS
 from .coop import CoOp
 from .registry import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
 
 log = logging.getLogger("vision_ft")
 

@@ -68,16 +68,18 @@ Recipe (docs/methods/mosa.md, official scripts): AdamW, weight decay 0.01, batch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import Backbone
 from ..errors import ConfigError
 from .adapters import _KEY, AdaptFormer, Bottleneck, _check_positive
 from .registry import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import Backbone
 
 
 def partition_masks(shape: tuple[int, int], n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -83,8 +83,8 @@ class _SPT(Method):
     @staticmethod
     def fixed_parameters(backbone: Backbone) -> int:
         """Always trained whatever the scores: the class token (its delta)."""
-        model = backbone.model
-        return model.cls_token.numel() if scoring.cls_host(model) is not None else 0
+        token = backbone.class_token()
+        return 0 if token is None else backbone.model.get_parameter(token[0]).numel()
 
     # --- life cycle ---------------------------------------------------------------------------------
     def apply(self, backbone: Backbone) -> None:
@@ -238,10 +238,10 @@ class _SPT(Method):
                                                 delta=partial(L.vector_delta, name, t.numel))))
         for _, _, add in sorted(pending, key=lambda e: e[:2]):
             add()
-        cls_host = scoring.cls_host(model)
-        if cls_host is not None:
-            host = model.get_submodule(cls_host)
-            host.register_parameter(f"{prefix}cls_token", nn.Parameter(torch.zeros_like(model.cls_token)))
+        token = backbone.class_token()
+        if token is not None:
+            host = model.get_submodule(token[1])
+            host.register_parameter(f"{prefix}cls_token", nn.Parameter(torch.zeros_like(model.get_parameter(token[0]))))
             host.register_forward_pre_hook(partial(L.cls_hook, prefix))
         ref = next(model.parameters())
         model.register_buffer(f"{prefix}allocation", torch.tensor(modes, dtype=torch.long, device=ref.device))
@@ -383,9 +383,9 @@ class SPTLoRA(_SPT):
         if self.allocation_codes(backbone) is None:
             raise AdapterError("SPT-LoRA has nothing to merge: prepare() or load_adapter() first")
         S.merge_all(model, prefix)  # W + B A + scatter(delta), bias and norm deltas
-        cls_host = scoring.cls_host(model)
-        if cls_host is not None:
-            model.cls_token.data.add_(model.get_submodule(cls_host)._parameters[f"{prefix}cls_token"])
+        token = backbone.class_token()
+        if token is not None:
+            model.get_parameter(token[0]).data.add_(model.get_submodule(token[1])._parameters[f"{prefix}cls_token"])
         self.teardown(backbone)
         self.merged = True
 

@@ -113,17 +113,6 @@ def score_sites(backbone: Backbone, vectors: bool = True) -> list[ScoredTensor]:
     return out
 
 
-def cls_host(model: nn.Module) -> str | None:
-    """The module whose input starts with the class token: ``pos_drop`` (``norm_pre`` without pos-embed)."""
-    if getattr(model, "cls_token", None) is None:
-        return None
-    if getattr(model, "pos_embed", None) is not None and isinstance(getattr(model, "pos_drop", None), nn.Module):
-        return "pos_drop"
-    if isinstance(getattr(model, "norm_pre", None), nn.Module):
-        return "norm_pre"
-    return None
-
-
 # --- stage 1: sensitivity ------------------------------------------------------------------------
 
 
