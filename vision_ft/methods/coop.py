@@ -79,7 +79,7 @@ class CoOp(Method):
     def apply(self, backbone: Backbone) -> None:
         missing = [m for m in _NEEDS if not hasattr(backbone, m)]
         if missing:
-            raise ConfigError(f"coop needs a CLIP backbone with a text tower (OpenCLIP, HFCLIP); "
+            raise ConfigError(f"coop needs a CLIP backbone with a text tower (open_clip or transformers CLIP); "
                               f"{type(backbone).__name__} lacks {missing} (model.init_args.backbone)")
         model = backbone.model
         with torch.no_grad():

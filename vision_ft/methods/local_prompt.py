@@ -88,8 +88,8 @@ _GLOBAL = "local_prompt_global"
 # --- local image features ------------------------------------------------------------------
 def global_and_dense(backbone: Backbone, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised images -> (pooled (B, embed_dim) == ``encode_image(x)``, patch features (B, N, embed_dim))
-    from one pass: the backbone's ``dense_features(x, return_pooled=True)`` (OpenCLIP, HFCLIP: the last
-    visual block's value path, GL-MCM / Local-Prompt's local features)."""
+    from one pass: the backbone's ``dense_features(x, return_pooled=True)`` (the open_clip and transformers
+    CLIP backbones: the last visual block's value path, GL-MCM / Local-Prompt's local features)."""
     return backbone.dense_features(x, return_pooled=True)
 
 
@@ -348,11 +348,12 @@ class LocalPrompt(Method):
     def apply(self, backbone: Backbone) -> None:
         missing = [m for m in _TEXT_TOWER_NEEDS if not hasattr(backbone, m)]
         if missing:
-            raise ConfigError(f"local_prompt needs a CLIP backbone with a text tower (OpenCLIP, HFCLIP); "
+            raise ConfigError(f"local_prompt needs a CLIP backbone with a text tower (open_clip or transformers CLIP); "
                               f"{type(backbone).__name__} lacks {missing} (model.init_args.backbone)")
         if not hasattr(backbone, "dense_features"):
             raise ConfigError(f"local_prompt needs per-patch CLIP features: {type(backbone).__name__} has no "
-                              "dense_features() (use OpenCLIP or HFCLIP; model.init_args.backbone)")
+                              "dense_features() (use the open_clip or transformers CLIP backbone; "
+                              "model.init_args.backbone)")
         names = list(self.class_names or [])
         if not names:
             names = [f"class {i}" for i in range(COUNT_CLASSES)]
