@@ -274,7 +274,7 @@ def _key(name: str) -> str:
 
 def _image_tensor(image: str | Path | Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """A file path or PIL image (any mode: gray, RGBA, 16-bit) -> (3,H,W) float in [0, 1]."""
-    from ..data.samples import pil_to_array, to_tensor
+    from ..data.labelled_images import pil_to_array, to_tensor
 
     if not isinstance(image, Image.Image):
         with Image.open(image) as im:
