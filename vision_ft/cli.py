@@ -184,11 +184,14 @@ def cmd_export(argv: list[str]) -> int:
 
 def _describe_export(out: Path) -> str:
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    head = ("classifier_head.safetensors: logits = image features @ weight.T + bias"
+            if (out / "classifier_head.safetensors").is_file() else "class_text_features.safetensors")
     if (out / "open_clip_config.json").is_file():
-        return (f"written to {out} (open_clip local-dir layout + class_text_features.safetensors); "
+        return (f"written to {out} (open_clip local-dir layout + {head}); "
                 f"load with open_clip.create_model('local-dir:{out}')")
     if config.get("architectures"):  # a transformers save_pretrained folder (D-FINE, HF CLIP)
-        return (f"written to {out} ({config['architectures'][0]}, transformers save_pretrained); "
+        extra = f" + {head}" if (out / "vision_ft_native.json").is_file() else ""
+        return (f"written to {out} ({config['architectures'][0]}, transformers save_pretrained{extra}); "
                 f"load with transformers.{config['architectures'][0]}.from_pretrained('{out}')")
     return (f"written to {out} (model.safetensors + config.json, timm native); "
             f"load with timm.create_model('local-dir:{out}', pretrained=True)")

@@ -143,6 +143,16 @@ class Backbone(nn.Module):
         """class_path + init_args that rebuild this backbone (written to adapter.json)."""
         raise NotImplementedError
 
+    # --- native export of an image classifier ------------------------------------------
+    #: the family can write "this model + a linear head on ``features()[0]``" in its library's own
+    #: format (:meth:`save_classifier`); image classification tasks refuse a backbone without it
+    native_classifier_export: bool = False
+
+    def save_classifier(self, out_dir: str | Path, head: nn.Linear, class_names: list[str]) -> Path:
+        """Write this model with ``head`` applied to the pooled features as a folder its library
+        loads alone; ``head(features(preprocess(x))[0])`` must be reproducible from it."""
+        raise NotImplementedError(f"{type(self).__name__} has no native export of an image classifier")
+
     def fingerprint(self) -> str:
         """Digest of the base weights, to refuse adapters trained on other weights.
 
@@ -207,6 +217,21 @@ class TwoTowerBackbone(Backbone):
     def tower_block(self, block: int) -> int:
         """Index of block ``block`` inside its tower."""
         return self._index[block][1]
+
+
+def fold_patch_bias(state: dict[str, torch.Tensor], bias: str, positions: str, class_token: bool) -> dict[str, torch.Tensor]:
+    """``state`` without the patch-embedding bias ``bias``, added instead to the position embedding
+    ``positions`` (rows after the class token when ``class_token``): exact when the position embedding
+    is added at its own size, because the bias shifts every patch token and nothing else. For exports
+    to libraries whose patch convolution has no bias (CLIP's), after a method merged a shift into it."""
+    if bias not in state:
+        return state
+    state = dict(state)
+    shift = state.pop(bias)
+    pos = state[positions].clone()
+    pos[..., 1 if class_token else 0:, :] += shift.to(pos.dtype)
+    state[positions] = pos
+    return state
 
 
 def resolve_checkpoint(checkpoint: str, names: tuple[str, ...]) -> Path:

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError, ConfigError
-from .base import TwoTowerBackbone, WeightRef
+from .base import TwoTowerBackbone, WeightRef, fold_patch_bias
 from .hf_clip_loading import HFCLIPLoading
 from .hf_clip_presets import (_FAMILY_MEAN_STD, _FAMILY_RESAMPLE, NATIVE_META)
 
@@ -335,7 +335,11 @@ class HFCLIP(HFCLIPLoading, TwoTowerBackbone):
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".hf_clip_", dir=out_dir.parent))
         try:
-            self.model.save_pretrained(str(tmp), safe_serialization=True)
+            state = None
+            if self.family == "clip":  # CLIP's patch convolution has no bias: fold a merged shift into positions
+                state = fold_patch_bias(self.model.state_dict(), "vision_model.embeddings.patch_embedding.bias",
+                                        "vision_model.embeddings.position_embedding.weight", class_token=True)
+            self.model.save_pretrained(str(tmp), state_dict=state)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
             else:
@@ -348,6 +352,21 @@ class HFCLIP(HFCLIPLoading, TwoTowerBackbone):
                "weights_source": self.weights_source, **(extra or {})}
         atomic_write_text(out_dir / NATIVE_META, json.dumps(doc, indent=2, default=str) + "\n")
         return out_dir
+
+    native_classifier_export = True
+
+    def save_classifier(self, out_dir: str | Path, head: nn.Linear, class_names: list[str]) -> Path:
+        """The transformers folder (:meth:`save_native`) + ``classifier_head.safetensors`` (``weight``,
+        ``bias``): ``logits = get_image_features(pixel_values=x).pooler_output @ weight.T + bias``."""
+        from ..io import atomic_save_safetensors
+        from .open_clip import CLASSIFIER_HEAD
+
+        out = self.save_native(out_dir, extra={"class_names": list(class_names),
+                                               "classifier": {"file": CLASSIFIER_HEAD,
+                                                              "input": "get_image_features.pooler_output"}})
+        atomic_save_safetensors({k: v.detach().contiguous() for k, v in head.state_dict().items()},
+                                out / CLASSIFIER_HEAD, metadata={"format": "pt"})
+        return out
 
     def no_decay_parameter_names(self) -> list[str]:
         """Position embeddings of both towers and the class embedding (what open_clip's CLIP lists)."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError
-from .base import Backbone, TwoTowerBackbone, WeightRef, first_line, resolve_checkpoint
+from .base import Backbone, TwoTowerBackbone, WeightRef, first_line, fold_patch_bias, resolve_checkpoint
 
 log = logging.getLogger("vision_ft")
 
@@ -331,12 +331,33 @@ class OpenCLIP(TwoTowerBackbone):
 
         out_dir = Path(out_dir)
         state = {k: v for k, v in self.model.state_dict().items()}
+        if "visual.conv1.bias" in state and "visual.positional_embedding" in state:  # open_clip's conv1 has none
+            state = fold_patch_bias(state, "visual.conv1.bias", "visual.positional_embedding",
+                                    class_token="visual.class_embedding" in state)
         pp = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
         pp = {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
         atomic_save_safetensors(state, out_dir / "open_clip_model.safetensors", metadata={"format": "pt"})
         doc = {"model_cfg": self.model_cfg, "preprocess_cfg": pp, "source_name": self.name, **(extra or {})}
         atomic_write_text(out_dir / "open_clip_config.json", json.dumps(doc, indent=2) + "\n")
         return out_dir
+
+    native_classifier_export = True
+
+    def save_classifier(self, out_dir: str | Path, head: nn.Linear, class_names: list[str]) -> Path:
+        """open_clip's local-dir layout (:meth:`save_native`) + ``classifier_head.safetensors``
+        (``weight`` (K, D), ``bias`` (K,)): ``logits = encode_image(x) @ weight.T + bias`` with
+        ``open_clip.create_model("local-dir:OUT")`` reproduces the task's logits."""
+        from ..io import atomic_save_safetensors
+
+        out = self.save_native(out_dir, extra={"class_names": list(class_names),
+                                               "classifier": {"file": CLASSIFIER_HEAD, "input": "encode_image"}})
+        atomic_save_safetensors({k: v.detach().contiguous() for k, v in head.state_dict().items()},
+                                out / CLASSIFIER_HEAD, metadata={"format": "pt"})
+        return out
+
+
+#: linear head of an exported image classifier (CLIP families), beside the model's own files
+CLASSIFIER_HEAD = "classifier_head.safetensors"
 
 
 def build_backbone_for_counts(name: str) -> Backbone:

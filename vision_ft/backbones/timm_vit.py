@@ -206,6 +206,32 @@ class TimmViT(Backbone):
             ),
         }
 
+    native_classifier_export = True
+
+    def save_classifier(self, out_dir: str | Path, head: nn.Linear, class_names: list[str]) -> Path:
+        """The model with ``head`` as its classifier, in timm's hub layout (``model.safetensors`` +
+        ``config.json``): ``timm.create_model("local-dir:OUT", pretrained=True)`` loads it alone."""
+        import json
+
+        from ..io import atomic_save_safetensors, atomic_write_text
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model, native = self.model, self.native_args()
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+        state.update({f"head.{k}": v for k, v in head.state_dict().items()})
+        atomic_save_safetensors(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+        cfg = dict(model.pretrained_cfg)
+        cfg.update(architecture=native["architecture"], num_classes=len(class_names), label_names=list(class_names))
+        for key in ("url", "hf_hub_id", "file"):
+            cfg.pop(key, None)
+        config = {"architecture": native["architecture"], "num_classes": len(class_names),
+                  "num_features": self.embed_dim, "global_pool": getattr(model, "global_pool", "token"),
+                  "model_args": native["model_args"], "pretrained_cfg": cfg,
+                  "label_names": list(class_names), "timm_version": timm.__version__}
+        atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, default=list) + "\n")
+        return out_dir
+
     def native_args(self) -> dict[str, Any]:
         """Architecture and kwargs for ``timm.create_model`` that rebuild ``self.model``."""
         args = {k: v for k, v in self.create_args.items() if k != "drop_path_rate"}

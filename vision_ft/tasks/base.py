@@ -28,7 +28,16 @@ from .optim import make_optimizer, warmup_cosine
 from .resume import restore_loader_states, set_rng_state
 from .saved_state import SavedStateMixin
 
-__all__ = ["BaseTask", "tensor_digest"]
+__all__ = ["BaseTask", "refuse_without_native_classifier", "tensor_digest"]
+
+
+def refuse_without_native_classifier(backbone: Any, task: str) -> None:
+    """Refuse, before anything trains, a backbone whose family cannot export "model + linear head on
+    pooled features" natively (what ``export --merge`` of an image/frame classifier writes)."""
+    if isinstance(backbone, Backbone) and not backbone.native_classifier_export:
+        raise ConfigError(f"{task} with backbone {type(backbone).__name__}: this family has no native export "
+                          "of an image classifier, so a trained run could not be exported; use a timm, open_clip "
+                          "or transformers CLIP/SigLIP backbone (model.init_args.backbone.class_path)")
 
 
 class BaseTask(SavedStateMixin, EMAMixin, NonFiniteMixin, RankSafetyMixin, pl.LightningModule):
@@ -270,6 +279,12 @@ class BaseTask(SavedStateMixin, EMAMixin, NonFiniteMixin, RankSafetyMixin, pl.Li
             out = save_adapter(self, self.run_dir, self.final_metrics("val/"), tensors=tensors)
             self.write_plots(out)
             rank_zero_info(f"[vision_ft] adapter written to {out}")
+
+    def export_native(self, out_dir: str | Path) -> Path:
+        """The (merged) model in its library's native format (``export --merge``); tasks override."""
+        from ..errors import AdapterError
+
+        raise AdapterError(f"{type(self).__name__} has no native export; use vision_ft.load_adapter(RUN) instead")
 
     def write_plots(self, run_dir: Path) -> None:
         """Subclasses add their plots; the base writes the curves."""

@@ -17,10 +17,10 @@ from torchmetrics.classification import (
 )
 
 from ..backbones import Backbone
-from ..export import atomic_save_safetensors, atomic_write_text, update_metrics
+from ..export import update_metrics
 from ..methods import Method
 from ..plots import plot_confusion_matrix, plot_per_label
-from .base import BaseTask
+from .base import BaseTask, refuse_without_native_classifier
 
 
 class ImageClassificationTask(BaseTask):
@@ -58,6 +58,7 @@ class ImageClassificationTask(BaseTask):
         names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         if len(names) != int(num_classes):
             raise ValueError(f"{len(names)} class names for {num_classes} classes")
+        refuse_without_native_classifier(backbone, type(self).__name__)
         super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr,
                          optimizer=optimizer, warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio,
                          ema_decay=ema_decay, on_nonfinite=on_nonfinite, class_names=names)
@@ -237,34 +238,13 @@ class ImageClassificationTask(BaseTask):
 
     # --- artifacts -----------------------------------------------------------------------
     def export_native(self, out_dir: str | Path) -> Path:
-        """Write the (merged) backbone + head as a timm model folder (``model.safetensors`` + ``config.json``)."""
-        import timm
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model = self.backbone.model
-        native = self.backbone.native_args()
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        leftovers = [k for k in state if self.method.is_own(k)]
+        """The (merged) backbone + head in the backbone library's native format
+        (:meth:`~vision_ft.backbones.Backbone.save_classifier`: a timm model folder, open_clip's
+        local-dir layout or a transformers folder, the last two with ``classifier_head.safetensors``)."""
+        leftovers = [k for k in self.backbone.model.state_dict() if self.method.is_own(k)]
         if leftovers:
             raise RuntimeError(f"merge left method tensors behind: {leftovers[:3]}")
-        atomic_save_safetensors(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-        cfg = dict(model.pretrained_cfg)
-        cfg.update(architecture=native["architecture"], num_classes=self.num_classes,
-                   label_names=self.class_names)
-        cfg.pop("url", None)
-        cfg.pop("hf_hub_id", None)
-        cfg.pop("file", None)
-        config = {"architecture": native["architecture"], "num_classes": self.num_classes,
-                  "num_features": self.backbone.embed_dim, "global_pool": getattr(model, "global_pool", "token"),
-                  "model_args": native["model_args"], "pretrained_cfg": cfg,
-                  "label_names": self.class_names, "timm_version": timm.__version__}
-        import json
-
-        atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, default=list) + "\n")
-        return out_dir
-
+        return Path(self.backbone.save_classifier(out_dir, self.head, self.class_names))
 
 
 def _key(name: str) -> str:

@@ -16,6 +16,7 @@ video, then averages over videos (:mod:`vision_ft.metrics.temporal`, pitfalls do
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -27,11 +28,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..backbones import Backbone
 from ..data.video import clip_indices
-from ..errors import ConfigError
+from ..errors import AdapterError, ConfigError
 from ..export import update_metrics
 from ..methods import Method
 from ..metrics.temporal import PerFramePredictions, aggregate, sequence_metrics
-from .base import BaseTask
+from .base import BaseTask, refuse_without_native_classifier
 from .video_outputs import safe_name, write_test_files
 
 
@@ -80,6 +81,7 @@ class VideoPhaseTask(BaseTask):
             raise ConfigError(f"{len(names)} class names for {num_classes} classes")
         # methods that need image batches and an image head (SPT, DR-Tune, MoSA's consistency) are
         # refused by the base task (Method.needs_image_classification_task)
+        refuse_without_native_classifier(backbone, type(self).__name__)
         super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr,
                          optimizer=optimizer, warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio,
                          ema_decay=ema_decay, on_nonfinite=on_nonfinite, class_names=names)
@@ -276,3 +278,17 @@ class VideoPhaseTask(BaseTask):
             out.append(self(batch).argmax(-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
+    # --- artifacts -----------------------------------------------------------------------
+    def export_native(self, out_dir: str | Path) -> Path:
+        """With ``temporal: mean``, the (merged) frame encoder + head as the backbone library's image
+        classifier (:meth:`~vision_ft.backbones.Backbone.save_classifier`): the head is linear, so a
+        clip's logits are the mean over its frames of the exported model's per-frame logits. A GRU
+        has no counterpart in the image libraries: such runs are used through ``load_adapter``."""
+        if self.temporal is not None:
+            raise AdapterError("a VideoPhaseTask run with temporal=gru has no native export (the GRU belongs to no "
+                               "image library); use vision_ft.load_adapter(RUN).predict_frames, or train with "
+                               "model.init_args.temporal=mean")
+        leftovers = [k for k in self.backbone.model.state_dict() if self.method.is_own(k)]
+        if leftovers:
+            raise RuntimeError(f"merge left method tensors behind: {leftovers[:3]}")
+        return Path(self.backbone.save_classifier(out_dir, self.head, self.class_names))
