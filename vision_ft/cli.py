@@ -109,7 +109,7 @@ def _cli(args: list[str] | None) -> None:
 
 # --- kit commands ---------------------------------------------------------------------------
 def cmd_methods(argv: list[str]) -> int:
-    """Registered methods with their trainable-parameter counts on a real architecture."""
+    """List the registered methods with their trainable-parameter counts on a real architecture."""
     from .backbones.open_clip import build_backbone_for_counts
     from .methods import registered
 
@@ -153,8 +153,10 @@ def cmd_methods(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    """Export a run: merge the adapter into the base weights and write the native model, or
-    (``--interpolate``) WiSE-FT weight-space ensembles of the zero-shot and the fine-tuned model."""
+    """Export a run to its model library's own format (--merge; --interpolate: WiSE-FT ensembles).
+
+    ``--merge`` folds the adapter into the base weights and writes the native model;
+    ``--interpolate`` writes WiSE-FT weight-space ensembles of the zero-shot and the fine-tuned model."""
     from .export import export_merged
 
     p = argparse.ArgumentParser(prog="vision_ft export", description=cmd_export.__doc__)
@@ -198,12 +200,14 @@ def _describe_export(out: Path) -> str:
 
 
 def cmd_bench(argv: list[str]) -> int:
+    """Measure the registered methods: parameters, train step, inference, transfer (and render the page)."""
     from .bench import cmd_bench as run
 
     return run(argv)
 
 
 def cmd_new_domain(argv: list[str]) -> int:
+    """Scaffold a new domain pack (config, datamodule, sample, dataset card, test) from a template."""
     from .scaffold import cmd_new_domain as run
 
     return run(argv)
@@ -213,10 +217,53 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {"methods": cmd_methods, "expo
                                                    "bench": cmd_bench, "new-domain": cmd_new_domain}
 
 
+#: LightningCLI's subcommands, one line each (``python -m vision_ft SUBCOMMAND --help`` has the rest)
+TRAINER_COMMANDS = {
+    "fit": "train a task from a config (then test the final weights and write the run's adapter and plots)",
+    "validate": "evaluate a model on the validation split (--ckpt_path: a run's checkpoint)",
+    "test": "evaluate a model on the test split (--ckpt_path: a run's checkpoint)",
+    "predict": "run a model on the predict split and write its predictions into the run directory",
+}
+
+
+def top_level_help() -> str:
+    """Every subcommand with one line (the trainer's four, then the kit's); bench lists its sections."""
+    rows = dict(TRAINER_COMMANDS)
+    for name, fn in COMMANDS.items():
+        rows[name] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+    lines = ["usage: python -m vision_ft SUBCOMMAND [options]", "",
+             "vision_ft: fine-tune vision and multimodal models with parameter-efficient methods.", "",
+             "subcommands:"]
+    width = max(len(k) for k in rows)
+    lines += [f"  {name:<{width}}  {text}" for name, text in rows.items()]
+    sections = _bench_sections()
+    if sections:
+        lines.append(f"  {'':<{width}}  bench sections: {', '.join(sections)}")
+    lines += ["", "python -m vision_ft SUBCOMMAND --help shows a subcommand's options, e.g.",
+              "  python -m vision_ft fit --help",
+              "  python -m vision_ft fit --config domains/medical.yaml"]
+    return "\n".join(lines) + "\n"
+
+
+def _bench_sections() -> list[str]:
+    """The bench sub-commands, read from the bench parser itself (so added sections show up)."""
+    try:
+        from .bench import build_parser
+    except ImportError:
+        return []
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("VISION_FT_LOGLEVEL", "INFO"), format="%(message)s")
+    if argv in ([], ["-h"], ["--help"]):
+        print(top_level_help(), end="")
+        return 0
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
