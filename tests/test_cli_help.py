@@ -40,6 +40,7 @@ def test_help_names_the_bench_sections_the_bench_parser_has(capsys):
     assert sections and all(name in line for name in sections)
 
 
+@pytest.mark.subprocess
 @pytest.mark.timeout(120)
 def test_python_dash_m_help_prints_the_overview():
     done = subprocess.run([sys.executable, "-m", "vision_ft", "--help"], capture_output=True, text=True, timeout=120)

@@ -185,6 +185,8 @@ def test_atomic_dir_replaces_or_refuses_an_incomplete_target(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sample"]
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(300)
 def test_concurrent_writers_of_one_sample_agree(tmp_path):
     """Two processes writing the same generated file at once: both succeed, the result is whole."""
     import subprocess
@@ -213,6 +215,8 @@ def test_adapter_files_are_not_private(tmp_path, umask_022):
         assert _mode(tmp_path / "run" / name) == 0o644, name
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(300)
 def test_importing_the_package_io_and_errors_stays_light():
     """``import vision_ft`` and its stdlib-only modules must not pull torch & co. (a subprocess:
     this test session has them all loaded already)."""

@@ -333,6 +333,8 @@ def test_bad_method_scores_and_non_ood_data_are_clear_errors(tmp_path):
         _trainer(tmp_path).test(_task(), datamodule=plain, verbose=False)
 
 
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
 @pytest.mark.slow
 def test_two_process_ddp_gives_the_single_process_results(tmp_path):
     """Scores are gathered across 2 gloo ranks, the sampler's padding dropped: same JSON as one process."""

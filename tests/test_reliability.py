@@ -66,6 +66,8 @@ def _runs(tmp: Path) -> list[Path]:
     return sorted((tmp / "runs" / "medical").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(600)
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     common = ("--trainer.max_epochs=2", "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=2",
               "--test_after_fit=false", "--trainer.deterministic=true", "--data.init_args.batch_size=16",
@@ -193,6 +195,8 @@ def test_per_class_recall_is_logged_at_test(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in recalls.values())
 
 
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("method", ["ssf", "lora"])
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(method, tmp_path):
     """2 ranks x batch 8 (gloo) == 1 process x batch 16: same samples per step, averaged gradients."""
@@ -225,6 +229,8 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(method, tmp
     assert meta["metrics"] == pytest.approx(m1, abs=1e-4)
 
 
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
 def test_data_dependent_setup_is_the_same_on_both_ranks(tmp_path):
     """SPT scores sensitivity on training data and allocates its budget from it: one allocation for all ranks."""
     args = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
@@ -241,6 +247,8 @@ def test_data_dependent_setup_is_the_same_on_both_ranks(tmp_path):
     assert spt and r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
 
 
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
 @pytest.mark.slow
 def test_dr_tune_queue_prefill_is_synced_from_rank_0(tmp_path):
     """DR-Tune fills its feature queue from each rank's own shard: rank 0's queue is sent to all."""

@@ -27,6 +27,8 @@ def _project(tmp: Path, template: str = "medical") -> Path:
     return tmp
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(600)
 def test_new_domain_from_medical_passes_its_own_test(tmp_path, capsys):
     root = _project(tmp_path / "proj")
     assert main(["new-domain", "dermatology", "--from", "medical", "--root", str(root)]) == 0
