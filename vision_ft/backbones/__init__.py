@@ -1,9 +1,10 @@
 """Backbone wrappers: one module per model family, one uniform surface."""
 
 from .base import ROLES, Backbone, WeightRef
+from .causal_lm import CausalLM
 from .dfine import DFineDetector
 from .hf_clip import HFCLIP
 from .open_clip import OpenCLIP
 from .timm_vit import TINY_PRESETS, TimmViT
 
-__all__ = ["ROLES", "Backbone", "DFineDetector", "HFCLIP", "OpenCLIP", "TimmViT", "TINY_PRESETS", "WeightRef"]
+__all__ = ["ROLES", "Backbone", "CausalLM", "DFineDetector", "HFCLIP", "OpenCLIP", "TimmViT", "TINY_PRESETS", "WeightRef"]

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-ROLES = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
+#: attention q/k/v (or the fused qkv) and output projection; MLP first and second layer, plus the gate of a
+#: gated MLP (``gate``) and the fused gate+up projection (``gate_up``) of language models that have them
+ROLES = ("q", "k", "v", "qkv", "proj", "fc1", "fc2", "gate", "gate_up")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@
 - :class:`FewShotSplit`: CoOp-style k-shot draws written to and reused from JSON.
 - :class:`VideoClipData`: videos with per-frame labels, causal clips, split by video (PyAV).
 - :class:`COCODetectionData`: COCO ``instances_*.json`` + images for detection (ids remapped, box-safe augmentation).
+- :class:`InstructionData`: instruction / chat JSONL for causal-LM SFT (label masks, packing) + an MCQ test file.
+- :func:`read_mcq`, :class:`MCQItem`: TeleQnA-style multiple-choice questions (JSON, JSONL, AES zip).
 - :class:`OODData`: an in-distribution classification datamodule + OOD image folders (tagged test loader).
 """
 
@@ -17,6 +19,8 @@ from .coco import CategoryMap, COCODetectionData, coco_to_cxcywh, cxcywh_to_coco
 from .domain_generalisation import DomainFolderData, write_domain_sample
 from .few_shot import FewShotSplit, sample_indices
 from .folder import CSVManifestData, ImageFolderData
+from .mcq import MCQItem, read_mcq
+from .text_sft import InstructionData
 from .labelled_images import ArraySamples, FileSamples, ImageDataset, Samples, to_tensor
 from .npz import MedMNISTData, npz_headers
 from .ood import OODData, OODTestSet, list_images, write_ood_sample
@@ -47,6 +51,9 @@ __all__ = [
     "FileSamples",
     "ImageDataset",
     "ImageFolderData",
+    "InstructionData",
+    "MCQItem",
+    "read_mcq",
     "MedMNISTData",
     "OODData",
     "OODTestSet",

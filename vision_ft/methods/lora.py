@@ -23,7 +23,7 @@ from .registry import register
 if TYPE_CHECKING:  # pragma: no cover
     from ..backbones import Backbone
 
-_PEFT_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
+_PEFT_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2", "gate", "gate_up")
 
 
 @register
@@ -34,9 +34,10 @@ class LoRA(Method):
         r: rank (8 in the VTAB/FGVC baseline tables).
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the LoRA input path.
-        targets: roles to adapt, any of ``qkv q k v proj fc1 fc2``; ``q``/``k``/``v`` need a
+        targets: roles to adapt, any of ``qkv q k v proj fc1 fc2 gate gate_up``; ``q``/``k``/``v`` need a
             backbone with separate projections (transformers models, the D-FINE detector), ``qkv``
-            one with a fused projection (timm ViTs).
+            one with a fused projection (timm ViTs, Phi-3); ``gate`` the gate of a gated MLP (Llama,
+            Qwen2), ``gate_up`` a fused gate+up projection (Phi-3).
         blocks: indices of blocks to adapt (default: all).
     """
 
@@ -50,10 +51,10 @@ class LoRA(Method):
         r: int = 8,
         alpha: float = 8.0,
         dropout: float = 0.0,
-        targets: list[str] = ["qkv"],  # noqa: B006 - jsonargparse needs a plain list default
+        targets: list[str] | None = None,
         blocks: list[int] | None = None,
     ) -> None:
-        bad = [t for t in targets if t not in _PEFT_ROLES]
+        bad = [t for t in targets or [] if t not in _PEFT_ROLES]
         if bad:
             raise ConfigError(
                 f"lora targets {bad} unknown (method.init_args.targets); choose from {list(_PEFT_ROLES)}"
@@ -61,14 +62,20 @@ class LoRA(Method):
         if r < 1:
             raise ConfigError("method.init_args.r must be >= 1")
         self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.targets, self.blocks = list(targets), blocks
+        self.targets, self.blocks = None if targets is None else list(targets), blocks
         self._tuner: LoraModel | None = None
+
+    def roles(self, backbone: Backbone) -> list[str]:
+        """``targets``, or the backbone's default LoRA targets when unset."""
+        if self.targets is not None:
+            return list(self.targets)
+        return list(getattr(backbone, "default_lora_targets", None) or ["qkv"])
 
     def target_names(self, backbone: Backbone) -> list[str]:
         blocks = range(backbone.num_blocks) if self.blocks is None else self.blocks
         names = []
         for i in blocks:
-            for role in self.targets:
+            for role in self.roles(backbone):
                 ref = backbone.weight_ref(i, role)
                 if ref.reader is not None:
                     raise ConfigError(f"lora (HF peft) adapts modules that compute their own output; {ref.module} "
@@ -103,6 +110,20 @@ class LoRA(Method):
         self._tuner = LoraModel(backbone.model, self.peft_config(backbone), "default")
         self.freeze_and_mark(backbone)
         self.applied = True
+
+    def lora_layers(self, backbone: Backbone) -> dict[str, Any]:
+        """peft's factors by module name, ``alpha / r`` folded into ``lora_B`` (dropout is a training-time
+        input transform only, so the inference update is exactly ``B A x`` scaled)."""
+        assert self._tuner is not None, "apply() first"
+        scale = self.alpha / self.r
+        out = {}
+        for name, module in backbone.model.named_modules():
+            a, b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+            if a is None or b is None or "default" not in a:
+                continue
+            out[f"{name}.lora_A.weight"] = a["default"].weight.detach().clone()
+            out[f"{name}.lora_B.weight"] = (b["default"].weight.detach() * scale).clone()
+        return out
 
     def merge(self, backbone: Backbone) -> None:
         assert self._tuner is not None, "apply() first"

@@ -1,11 +1,12 @@
 """LightningModules, one per kind of problem, on a shared :class:`BaseTask`."""
 
 from .base import BaseTask
+from .causal_lm import CausalLMSFTTask
 from .classification import ImageClassificationTask
 from .clip_classification import CLIPClassificationTask
 from .clip_ood import CLIPOODTask
 from .detection import DetectionTask
 from .video import VideoPhaseTask
 
-__all__ = ["BaseTask", "CLIPClassificationTask", "CLIPOODTask", "DetectionTask", "ImageClassificationTask",
+__all__ = ["BaseTask", "CausalLMSFTTask", "CLIPClassificationTask", "CLIPOODTask", "DetectionTask", "ImageClassificationTask",
            "VideoPhaseTask"]
