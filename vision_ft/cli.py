@@ -35,6 +35,14 @@ class VisionFTCLI(LightningCLI):
         for key in ("num_classes", "class_names", "multilabel"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Reserve the run's ``version_<N>`` folder (create-exclusive) before anything is written, so
+        runs started together with one config never share a folder (:mod:`vision_ft.run_dir`)."""
+        from .run_dir import reserve_logger_dirs
+
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        reserve_logger_dirs(config.get("trainer"))
+
     def before_fit(self) -> None:
         # Lightning resolves fit(ckpt_path=...) only after LightningModule.setup(); setting it on
         # the trainer first lets setup() see the run is resuming, so data-dependent method set-up
@@ -165,6 +173,9 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--interpolate", type=float, nargs="+", metavar="ALPHA", default=None,
                    help="WiSE-FT: write (1-ALPHA)*zero-shot + ALPHA*fine-tuned (merged) for each ALPHA in [0, 1]; "
                         "several values write OUT/alpha_<ALPHA> folders (CLIP tasks, mergeable methods)")
+    p.add_argument("--format", choices=("native", "peft"), default="native",
+                   help="native: the library's own model folder (with --merge); peft: the adapter in HF peft's "
+                        "format, for peft.PeftModel.from_pretrained (peft-based methods such as lora)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", default=None,
                    help="local base weights, when the run used hub weights that are not reachable now")
@@ -176,6 +187,12 @@ def cmd_export(argv: list[str]) -> int:
         outs = export_interpolated(a.run_dir, a.out, a.interpolate, backbone=overrides)
         for alpha, out in zip(a.interpolate, outs):
             print(f"WiSE-FT alpha={alpha:g}: {_describe_export(out)}")
+        return 0
+    if a.format == "peft":
+        from .export import export_peft
+
+        out = export_peft(a.run_dir, a.out, backbone=overrides)
+        print(f"peft adapter written to {out}; load with peft.PeftModel.from_pretrained(base_model, '{out}')")
         return 0
     if not a.merge:
         p.error("nothing to do: pass --merge or --interpolate ALPHA (the run directory already holds the adapter)")

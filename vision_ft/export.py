@@ -108,7 +108,9 @@ def export_merged(run_dir: str | Path, out_dir: str | Path,
     ``timm.create_model("local-dir:OUT")`` or ``timm.create_model(arch, num_classes=K, **model_args)``
     followed by ``load_state_dict``.
     """
-    task = load_adapter(run_dir, backbone=backbone)
+    meta = read_metadata(run_dir)
+    overrides = {**import_class(meta["task"]).merge_overrides(meta), **(backbone or {})}
+    task = load_adapter(run_dir, backbone=overrides or None)
     method = task.method
     if not method.mergeable:
         raise AdapterError(
@@ -117,7 +119,17 @@ def export_merged(run_dir: str | Path, out_dir: str | Path,
         )
     method.merge(task.backbone)
     out = task.export_native(out_dir)
-    meta = read_metadata(run_dir)
     meta.update(merged=True, exported_from=str(Path(run_dir).resolve()))
     atomic_write_text(Path(out) / "vision_ft.json", json.dumps(meta, indent=2, default=str) + "\n")
     return Path(out)
+
+
+def export_peft(run_dir: str | Path, out_dir: str | Path, backbone: dict[str, Any] | None = None) -> Path:
+    """Write the run's adapter in HF peft's format (``adapter_config.json`` + ``adapter_model.safetensors``),
+    for ``peft.PeftModel.from_pretrained(base_model, out_dir)``; methods that are not peft tuners refuse."""
+    task = load_adapter(run_dir, backbone=backbone)
+    out = Path(task.export_peft(out_dir))
+    meta = read_metadata(run_dir)
+    meta.update(format="peft", exported_from=str(Path(run_dir).resolve()))
+    atomic_write_text(out / "vision_ft.json", json.dumps(meta, indent=2, default=str) + "\n")
+    return out

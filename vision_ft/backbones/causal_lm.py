@@ -84,6 +84,12 @@ class CausalLM(Backbone):
         if self.tokenizer.pad_token is None:  # padding needs an id; masks never derive from it
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.use_cache = False
+        for module in self.model.modules():
+            # bitsandbytes repacks 4-bit weights for its CPU kernel at the first eval-mode forward and from then
+            # on multiplies through an op without a backward (a warning, then input gradients silently lost):
+            # training after any validation pass would break. Keep its dequantise-and-matmul path instead.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._layout = self._read_layout()
@@ -214,6 +220,11 @@ class CausalLM(Backbone):
     def roles(self) -> list[str]:
         """The roles this model's layers have (``q k v proj gate fc1 fc2`` for Llama, ``qkv proj gate_up fc2``
         for Phi-3)."""
+        return list(self._layout)
+
+    @property
+    def default_lora_targets(self) -> list[str]:
+        """Every projection of attention and MLP as whole modules (what ``lora`` adapts without ``targets``)."""
         return list(self._layout)
 
     def module_name(self, block: int, role: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -210,8 +211,19 @@ class Method:
         task's text-head logits."""
         return None
 
+    def on_train_batch_start(self, task: Any) -> None:
+        """Before each training batch's forward, with ``task.global_step`` the number of optimiser steps
+        taken (SaRA re-masks at its step here). Default: nothing."""
+
     def on_train_end(self, task: Any) -> None:
         """End of training, before the adapter is written (e.g. MoSA folds its experts)."""
+
+    def lora_layers(self, backbone: Backbone) -> dict[str, torch.Tensor] | None:
+        """The update as plain LoRA factors for tools that load LoRA files (diffusers' ``load_lora_weights``):
+        ``{"<module>.lora_A.weight": (r, in), "<module>.lora_B.weight": (out, r)}`` keyed by module names
+        inside ``backbone.model``, the ``alpha / r`` scaling folded into ``lora_B``. ``None`` (default):
+        the method is not a LoRA of whole modules."""
+        return None
 
     def nominal_trainable_parameters(self, backbone: Backbone) -> int | None:
         """For ``requires_data`` methods: the count planned before seeing data (the budget)."""
@@ -223,6 +235,13 @@ class Method:
             f"method {self.name!r} cannot be merged into the base weights; export the "
             "adapter as is (its unmerged inference cost is documented in the method's docstring)"
         )
+
+    def save_peft(self, backbone: Backbone, out_dir: str | Path) -> Path:
+        """Write the adapter in HF peft's on-disk format (``adapter_config.json`` +
+        ``adapter_model.safetensors``), loadable by ``peft.PeftModel.from_pretrained(base, out_dir)``.
+        Default: refused, for methods that are not peft tuners."""
+        raise AdapterError(f"method {self.name!r} has no peft on-disk format; use `export --merge` (if it merges) "
+                           "or the kit's adapter (vision_ft.load_adapter)")
 
     # --- parameters -----------------------------------------------------------------
     def is_own(self, name: str) -> bool:

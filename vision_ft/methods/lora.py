@@ -11,6 +11,7 @@ on the fused qkv of all 12 blocks: ``8 * (768 + 2304) * 12 = 294,912`` parameter
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peft import LoraConfig
@@ -123,6 +124,23 @@ class LoRA(Method):
                 continue
             out[f"{name}.lora_A.weight"] = a["default"].weight.detach().clone()
             out[f"{name}.lora_B.weight"] = (b["default"].weight.detach() * scale).clone()
+        return out
+
+    def save_peft(self, backbone: Backbone, out_dir: str | Path) -> Path:
+        """peft's own files: the LoraConfig and the factors under PeftModel's key names (``base_model.model.``
+        + the module path), so ``PeftModel.from_pretrained(base_model, out_dir)`` rebuilds this model."""
+        assert self._tuner is not None, "apply() first"
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = self.peft_config(backbone)
+        config.base_model_name_or_path = backbone.spec()["init_args"].get("name")
+        config.save_pretrained(str(out))
+        state = get_peft_model_state_dict(backbone.model, adapter_name="default")
+        save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
+                  str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         return out
 
     def merge(self, backbone: Backbone) -> None:

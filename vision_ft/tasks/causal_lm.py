@@ -242,6 +242,12 @@ class CausalLMSFTTask(BaseTask):
             rank_zero_info(f"[vision_ft] {len(records)} answers written to {path}")
 
     # --- export ------------------------------------------------------------------------------------
+    def export_peft(self, out_dir: str | Path) -> Path:
+        """peft's adapter files plus the tokenizer with the training chat template."""
+        out = Path(self.method.save_peft(self.backbone, out_dir))
+        self.tokenizer.save_pretrained(out)
+        return out
+
     def export_native(self, out_dir: str | Path) -> Path:
         """The (merged) model and its tokenizer with the chat template used in training: ``save_pretrained``."""
         return self.backbone.save_native(out_dir)

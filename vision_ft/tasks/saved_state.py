@@ -26,6 +26,17 @@ class SavedStateMixin:
         backbone = cls.backbone_from_metadata(meta, backbone_overrides)
         return cls(backbone=backbone, method=meta["method_spec"], **meta.get("task_args", {}))
 
+    @classmethod
+    def merge_overrides(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        """Backbone overrides for ``export --merge`` (a run trained on quantised weights merges into the
+        full-precision ones). Default: none."""
+        return {}
+
+    def export_peft(self, out_dir: Any) -> Any:
+        """The adapter in HF peft's on-disk format (``export --format peft``); tasks add files their
+        library users expect beside it (a language model's tokenizer)."""
+        return self.method.save_peft(self.backbone, out_dir)
+
     @staticmethod
     def backbone_from_metadata(meta: dict[str, Any], backbone_overrides: dict[str, Any] | None = None) -> Backbone:
         """The run's base model as it was before training (checked against its fingerprint)."""
