@@ -1,0 +1,24 @@
+"""Medical formats: DICOM files and series, NIfTI volumes, patient-level splits, chest X-ray label conventions.
+
+Needs the ``medical`` extra (``pip install 'vision_ft[medical]'``: pydicom, nibabel); the
+modules import them only when a file is read.
+"""
+
+from .dicom_data import DicomManifestData, DicomSamples
+from .patient_data import PatientSplitData
+from .patients import check_no_leakage, draw_patient_split, read_split_file, resolve_patient_split
+from .windowing import WINDOW_PRESETS, apply_window, linear_window, resolve_window
+
+__all__ = [
+    "DicomManifestData",
+    "DicomSamples",
+    "PatientSplitData",
+    "WINDOW_PRESETS",
+    "apply_window",
+    "check_no_leakage",
+    "draw_patient_split",
+    "linear_window",
+    "read_split_file",
+    "resolve_patient_split",
+    "resolve_window",
+]
