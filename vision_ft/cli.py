@@ -35,6 +35,14 @@ class VisionFTCLI(LightningCLI):
         for key in ("num_classes", "class_names", "multilabel"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Reserve the run's ``version_<N>`` folder (create-exclusive) before anything is written, so
+        runs started together with one config never share a folder (:mod:`vision_ft.run_dir`)."""
+        from .run_dir import reserve_logger_dirs
+
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        reserve_logger_dirs(config.get("trainer"))
+
     def before_fit(self) -> None:
         # Lightning resolves fit(ckpt_path=...) only after LightningModule.setup(); setting it on
         # the trainer first lets setup() see the run is resuming, so data-dependent method set-up
