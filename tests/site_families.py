@@ -1,10 +1,10 @@
 """Tiny models of every family the site layer covers, each with the forward a contract test needs.
 
-The first four are the kit's backbones. The last three are test-only stand-ins for the families the
-next issues add (transformers causal LMs with separate and with fused projections, diffusers UNet
-attention): each is a minimal :class:`~vision_ft.backbones.Backbone` that says where a role's weight
-lives in the real library model, so the site layer and every method are exercised on those modules
-before their backbones exist.
+The first six are the kit's backbones (the causal LMs as a Llama layout with separate projections and a
+Phi-3 layout with fused ``qkv_proj`` / ``gate_up_proj``). The last is a test-only stand-in for the
+diffusers UNet attention of the Stable Diffusion work: a minimal :class:`~vision_ft.backbones.Backbone`
+that says where a role's weight lives in the real library model, so the site layer and every method are
+exercised on those modules before that backbone exists.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vision_ft.backbones import Backbone, DFineDetector, HFCLIP, OpenCLIP, TimmViT, WeightRef
+from vision_ft.backbones import Backbone, CausalLM, DFineDetector, HFCLIP, OpenCLIP, TimmViT, WeightRef
 from vision_ft.errors import ConfigError
 
 X = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -47,65 +47,6 @@ class _TestBackbone(Backbone):
 
     def spec(self) -> dict[str, Any]:
         return {"class_path": f"{__name__}.{type(self).__name__}", "init_args": {}}
-
-
-class TinyLlama(_TestBackbone):
-    """transformers ``LlamaForCausalLM``: separate ``q_proj/k_proj/v_proj``, gated MLP."""
-
-    paths = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "proj": "self_attn.o_proj",
-             "fc1": "mlp.up_proj", "fc2": "mlp.down_proj"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-        self.model = LlamaForCausalLM(cfg).eval()
-        self.width = 32
-        self.block_names = [f"model.layers.{i}" for i in range(2)]
-
-    def weight_ref(self, block: int, role: str) -> WeightRef:
-        if role == "qkv":
-            raise ConfigError("Llama has separate q_proj / k_proj / v_proj and no fused qkv; target q, k, v")
-        return super().weight_ref(block, role)
-
-    def norms(self, block: int) -> dict[str, nn.Module]:
-        b = self.blocks[block]
-        return {"norm1": b.input_layernorm, "norm2": b.post_attention_layernorm}
-
-    def final_norm(self) -> nn.Module:
-        return self.model.model.norm
-
-
-class TinyPhi3(TinyLlama):
-    """transformers ``Phi3ForCausalLM``: fused ``qkv_proj`` (q, k, v row blocks, grouped-query sizes) and
-    fused ``gate_up_proj``."""
-
-    paths = {"qkv": "self_attn.qkv_proj", "proj": "self_attn.o_proj", "fc1": "mlp.gate_up_proj",
-             "fc2": "mlp.down_proj"}
-
-    def __init__(self) -> None:
-        Backbone.__init__(self)
-        from transformers import Phi3Config, Phi3ForCausalLM
-
-        torch.manual_seed(0)
-        cfg = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         pad_token_id=0)
-        self.model = Phi3ForCausalLM(cfg).eval()
-        self.width = 32
-        self.block_names = [f"model.layers.{i}" for i in range(2)]
-
-    def weight_ref(self, block: int, role: str) -> WeightRef:
-        if role in ("q", "k", "v"):
-            cfg = self.model.config
-            head = cfg.hidden_size // cfg.num_attention_heads
-            q, kv = cfg.num_attention_heads * head, cfg.num_key_value_heads * head
-            start, stop = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}[role]
-            return WeightRef(self.module_name(block, "qkv"), start=start, stop=stop, key=role)
-        return WeightRef(self.module_name(block, role))
 
 
 class TinyUNet(_TestBackbone):
@@ -167,7 +108,7 @@ FAMILIES: dict[str, tuple[Callable[[], Backbone], Callable[[Backbone], torch.Ten
     "open_clip": (lambda: OpenCLIP("open_clip_test_tiny"), _clip_forward),
     "hf_clip": (lambda: HFCLIP("hf_clip_test_tiny"), _clip_forward),
     "dfine": (lambda: DFineDetector("dfine_test_tiny", num_labels=2), _dfine_forward),
-    "llama": (TinyLlama, lambda b: b.model(input_ids=_TOKENS).logits),
-    "phi3": (TinyPhi3, lambda b: b.model(input_ids=_TOKENS).logits),
+    "llama": (lambda: CausalLM("llama_test_tiny"), lambda b: b.model(input_ids=_TOKENS).logits),
+    "phi3": (lambda: CausalLM("phi3_test_tiny"), lambda b: b.model(input_ids=_TOKENS).logits),
     "unet": (TinyUNet, lambda b: b.model(_LATENTS, torch.tensor([500]), encoder_hidden_states=_TEXT).sample),
 }

@@ -271,8 +271,13 @@ class CausalLM(Backbone):
         return {"norm1": b.input_layernorm, "norm2": b.post_attention_layernorm}
 
     def stem(self) -> nn.Module:
+        raise ConfigError(f"{type(self.model).__name__} is a language model: it has no patch-embedding stem (its "
+                          "token embedding is a lookup table, not adapted by stem-based methods such as ssf)")
+
+    def stem_parameter_names(self) -> list[str]:
         """The token embedding (what ``train_patch_embed: false`` keeps frozen under full fine-tuning)."""
-        return self.model.get_input_embeddings()
+        own = {id(p) for p in self.model.get_input_embeddings().parameters()}
+        return [n for n, p in self.model.named_parameters() if id(p) in own]
 
     def final_norm(self) -> nn.Module:
         decoder = self.model.get_decoder()
