@@ -2,6 +2,7 @@
 
     python -m vision_ft fit --config domains/medical.yaml [--model.init_args.method=lora ...]
     python -m vision_ft methods --backbone vit_base_patch16_224 [--json]
+    python -m vision_ft predict RUN_DIR --images DIR_OR_CSV          # -> RUN_DIR/predictions.csv
     python -m vision_ft export RUN_DIR --merge --out OUT_DIR
     python -m vision_ft export RUN_DIR --interpolate 0 0.5 1 --out OUT_DIR   # WiSE-FT
     python -m vision_ft new-domain NAME --from medical
@@ -239,7 +240,8 @@ TRAINER_COMMANDS = {
     "fit": "train a task from a config (then test the final weights and write the run's adapter and plots)",
     "validate": "evaluate a model on the validation split (--ckpt_path: a run's checkpoint)",
     "test": "evaluate a model on the test split (--ckpt_path: a run's checkpoint)",
-    "predict": "run a model on the predict split and write its predictions into the run directory",
+    "predict": "classify images with a run: predict RUN --images DIR|CSV|FILES writes predictions.csv "
+               "(--ckpt_path CKPT instead of RUN; without --images: Lightning's predict on a config's data)",
 }
 
 
@@ -284,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
+        from .predict import cmd_predict, wants_kit_predict
+
+        if wants_kit_predict(argv):  # predict RUN|--ckpt_path --images ...: predictions.csv
+            return cmd_predict(argv[1:])
         _check_config_files(argv)
         _cli(None if from_sys else argv)  # LightningCLI reads sys.argv itself
     except Exception as e:  # user errors surface wrapped by jsonargparse during instantiation

@@ -64,10 +64,19 @@ def _preprocess(value: RadioPreprocess | dict | None) -> RadioPreprocess:
     return value
 
 
+def _input_transform(self) -> dict:
+    """The run's preprocessing, recorded with it so inference applies it (see ``ClassificationData.input_transform``)."""
+    from dataclasses import asdict
+
+    return {"class_path": f"{RadioPreprocess.__module__}.{RadioPreprocess.__qualname__}",
+            "init_args": asdict(self.preprocess)}
+
+
 def images_to_tensor(images: Sequence[np.ndarray], preprocess: RadioPreprocess | dict | None, size: int):
     """Raw images (FITS arrays, MiraBest/PNG ``uint8``) -> the ``(B, 3, size, size)`` float tensor a trained
     run expects, through the same preprocessing as training. Pass the run's ``data.init_args.preprocess``
-    (in its ``config.yaml``): ``vision_ft.load_adapter(run).predict_images`` does not know about it."""
+    (in its ``config.yaml``). A run's ``adapter.json`` records it too (``input_transform``), and
+    ``vision_ft.load_adapter(run).predict_images`` and ``python -m vision_ft predict RUN --images ...`` apply it."""
     import torch
 
     from vision_ft.data import to_tensor
@@ -99,6 +108,8 @@ class MiraBestData(ClassificationData):
     Batch files are Python pickles; they are read with a restricted unpickler that
     refuses anything but numpy arrays and plain values (see :mod:`~domains.radio_astronomy.mirabest`).
     """
+
+    input_transform = _input_transform
 
     def __init__(self, root: str | None = None, convention: Convention = "confident",
                  sample_dir: str = "data/radio_astronomy_sample", train_batches: list[str] | None = None,
@@ -262,6 +273,8 @@ class RadioFITSData(CSVManifestData):
         **kwargs: :class:`~vision_ft.data.ClassificationData` options.
     """
 
+    input_transform = _input_transform
+
     def __init__(self, train_csv: str, val_csv: str | None = None, test_csv: str | None = None,
                  root: str | None = None, preprocess: RadioPreprocess | None = None, **kwargs):
         self.preprocess = _preprocess(preprocess)
@@ -289,6 +302,8 @@ class RadioPNGFolderData(ImageFolderData):
             colour PNGs are averaged to one channel).
         **kwargs: :class:`~vision_ft.data.ClassificationData` options.
     """
+
+    input_transform = _input_transform
 
     def __init__(self, root: str, train_dir: str = "train", val_dir: str | None = "val",
                  test_dir: str | None = "test", preprocess: RadioPreprocess | None = None, **kwargs):

@@ -212,6 +212,14 @@ class ClassificationData(SplitLoaders, L.LightningDataModule):
         """What the data is, for few-shot split files: ``name`` and ``source`` at least."""
         return {"name": type(self).__name__, "source": ""}
 
+    def input_transform(self) -> dict | None:
+        """What this data does to a decoded image before the kit scales it to ``[0, 1]`` and resizes it
+        (a pack's sigma clip and stretch...), as ``{"class_path": ..., "init_args": {...}}`` of a callable
+        ``array -> array``. The task records it with the run (``adapter.json``, checkpoints), so inference
+        (``load_adapter(run).predict_images``, ``predict --images``) feeds the model what training did.
+        ``None`` (default): nothing beyond decoding."""
+        return None
+
     # ---- splits ---------------------------------------------------------------------
     def _checked(self, split: str) -> Samples | None:
         samples = self._raw_split(split)

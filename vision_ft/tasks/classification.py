@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -91,9 +92,18 @@ class ImageClassificationTask(BaseTask):
     def head_modules(self) -> dict[str, nn.Module]:
         return {"head": self.head}
 
+    #: the data's raw-image transform (``ClassificationData.input_transform``), recorded with the run
+    input_transform_spec: dict[str, Any] | None = None
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], backbone_overrides: dict[str, Any] | None = None) -> Any:
+        task = super().from_metadata(meta, backbone_overrides)
+        task.input_transform_spec = meta.get("input_transform")
+        return task
+
     def task_metadata(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "class_names": self.class_names,
-                "multilabel": self.multilabel,
+                "multilabel": self.multilabel, "input_transform": self.input_transform_spec,
                 "task_args": {"num_classes": self.num_classes, "class_names": self.class_names,
                               "multilabel": self.multilabel}}
 
@@ -129,6 +139,9 @@ class ImageClassificationTask(BaseTask):
         """Per-domain accuracy when the data has domains (leave-one-domain-out evaluation)."""
         super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
+        record = getattr(datamodule, "input_transform", None)
+        if stage == "fit" and callable(record):
+            self.input_transform_spec = record()
         names = getattr(datamodule, "domain_names", None)
         if names and not self.multilabel and not hasattr(self, "domain_acc"):
             from ..metrics import PerDomainAccuracy
@@ -212,19 +225,21 @@ class ImageClassificationTask(BaseTask):
 
     # --- inference ---------------------------------------------------------------------
     @torch.no_grad()
-    def predict_images(self, images: Sequence[str | Path | Image.Image] | torch.Tensor,
+    def predict_images(self, images: Sequence[str | Path | Image.Image | np.ndarray] | torch.Tensor,
                        batch_size: int = 32) -> list[dict[str, Any]]:
-        """Class probabilities for image files, PIL images or a (B,3,H,W) tensor in [0, 1].
+        """Class probabilities for image files, PIL images, raw arrays or a (B,3,H,W) tensor in [0, 1].
 
-        Returns one dict per image: ``label`` (top class or the positive labels) and
-        ``probs`` (name -> probability).
+        Files, PIL images and arrays pass through the run's recorded ``input_transform`` (the data's
+        own preprocessing, e.g. the radio pack's sigma clip and stretch) as in training; a tensor is
+        taken as already preprocessed. Returns one dict per image: ``label`` (top class or the
+        positive labels) and ``probs`` (name -> probability).
         """
         self.eval()
         if isinstance(images, torch.Tensor):
             batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         else:
-            size = self.backbone.input_size
-            tensors = [_image_tensor(im, size) for im in images]
+            size, transform = self.backbone.input_size, self.input_transform()
+            tensors = [_image_tensor(im, size, transform) for im in images]
             batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
         out = []
         for b in batches:
@@ -235,6 +250,15 @@ class ImageClassificationTask(BaseTask):
                          else self.class_names[int(row.argmax())])
                 out.append({"label": label, "probs": named})
         return out
+
+    def input_transform(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The recorded raw-image transform, built from its spec (``None`` when the run has none)."""
+        spec = self.input_transform_spec
+        if not spec:
+            return None
+        from ..export import import_class
+
+        return import_class(spec["class_path"])(**spec.get("init_args", {}))
 
     # --- artifacts -----------------------------------------------------------------------
     def export_native(self, out_dir: str | Path) -> Path:
@@ -252,11 +276,17 @@ def _key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
 
-def _image_tensor(image: str | Path | Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """A file path or PIL image (any mode: gray, RGBA, 16-bit) -> (3,H,W) float in [0, 1]."""
+def _image_tensor(image: str | Path | Image.Image | np.ndarray, size: tuple[int, int],
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
+    """A file path, PIL image (any mode: gray, RGBA, 16-bit) or decoded array -> (3,H,W) float in
+    [0, 1], through ``transform`` (the run's recorded preprocessing) first when given."""
     from ..data.labelled_images import pil_to_array, to_tensor
 
-    if not isinstance(image, Image.Image):
-        with Image.open(image) as im:
-            image = im.copy()
-    return to_tensor(pil_to_array(image), size[0])
+    if isinstance(image, np.ndarray):
+        array = image
+    else:
+        if not isinstance(image, Image.Image):
+            with Image.open(image) as im:
+                image = im.copy()
+        array = pil_to_array(image)
+    return to_tensor(transform(array) if transform is not None else array, size[0])

@@ -103,7 +103,8 @@ class SavedStateMixin:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.saved_key(k)}
         checkpoint["vision_ft"] = {k: v for k, v in self.adapter_metadata().items()
                                    if k in ("method", "method_spec", "method_version", "backbone",
-                                            "backbone_fingerprint")}
+                                            "backbone_fingerprint", "task", "task_args", "class_names",
+                                            "input_transform")}  # the last four: `predict --ckpt_path`
         checkpoint["vision_ft"]["history"] = self.history
         checkpoint["vision_ft"]["skipped_batches"] = self.skipped_batches
         checkpoint["vision_ft"]["rng"] = rng_state()
