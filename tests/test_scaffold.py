@@ -52,7 +52,7 @@ def test_new_domain_refuses_bad_names_unknown_templates_and_overwrites(tmp_path)
     root = _project(tmp_path / "proj")
     with pytest.raises(ConfigError, match="Python module name"):
         scaffold("Derm-1", "medical", root)
-    with pytest.raises(ConfigError, match="available: \\['medical'\\]"):
+    with pytest.raises(ConfigError, match="available: \\['minimal', 'medical'\\]"):
         scaffold("derm", "astronomy", root)
     scaffold("derm", "medical", root)
     before = (root / "domains" / "derm.yaml").read_text()
