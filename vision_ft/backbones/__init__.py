@@ -5,6 +5,7 @@ from .causal_lm import CausalLM
 from .dfine import DFineDetector
 from .hf_clip import HFCLIP
 from .open_clip import OpenCLIP
+from .stable_diffusion import StableDiffusion
 from .timm_vit import TINY_PRESETS, TimmViT
 
-__all__ = ["ROLES", "Backbone", "CausalLM", "DFineDetector", "HFCLIP", "OpenCLIP", "TimmViT", "TINY_PRESETS", "WeightRef"]
+__all__ = ["ROLES", "Backbone", "CausalLM", "DFineDetector", "HFCLIP", "OpenCLIP", "StableDiffusion", "TimmViT", "TINY_PRESETS", "WeightRef"]

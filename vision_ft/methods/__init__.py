@@ -16,6 +16,7 @@ from .lora import LoRA
 from .mosa import MoSA
 from .pego import PEGO
 from .registry import build_method, get_method_class, register, registered, unregister
+from .sara import SaRA
 from .snell import SNELL
 from .spt import SPTAdapter, SPTLoRA
 from .ssf import SSF
@@ -24,5 +25,5 @@ __all__ = [
     "Method", "has_prefix", "register", "registered", "unregister", "build_method",
     "get_method_class", "LinearProbe", "FullFineTuning", "SSF", "LoRA", "DRTune",
     "Adapter", "AdaptFormer", "MoSA", "SNELL", "PEGO", "SPTLoRA", "SPTAdapter",
-    "CLIPLoRA", "CoOp", "CompLoRA", "BlockLoRA", "LocalPrompt",
+    "CLIPLoRA", "CoOp", "CompLoRA", "BlockLoRA", "LocalPrompt", "SaRA",
 ]

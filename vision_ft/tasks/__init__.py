@@ -6,7 +6,8 @@ from .classification import ImageClassificationTask
 from .clip_classification import CLIPClassificationTask
 from .clip_ood import CLIPOODTask
 from .detection import DetectionTask
+from .text_to_image import TextToImageTask
 from .video import VideoPhaseTask
 
 __all__ = ["BaseTask", "CausalLMSFTTask", "CLIPClassificationTask", "CLIPOODTask", "DetectionTask", "ImageClassificationTask",
-           "VideoPhaseTask"]
+           "TextToImageTask", "VideoPhaseTask"]

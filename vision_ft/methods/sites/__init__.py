@@ -13,7 +13,9 @@ one small API that every method uses, whatever library built the model:
   :meth:`Site.add_lowrank` (parallel ``up down pre(x)``; all low-rank branches of one module run as one
   product, so q, k and v of a fused projection cost what one LoRA on it costs),
   :meth:`Site.add_scale_shift` (``gamma * y + beta``) and :meth:`Site.add_output_map` (sequential,
-  ``g(y)``, e.g. a bottleneck adapter; not mergeable);
+  ``g(y)``, e.g. a bottleneck adapter; not mergeable); :meth:`Site.add_weight_map` (the module's forward
+  reads ``fn(W)`` in place of a whole parameter ``W``: sparse entries written into a frozen weight;
+  :func:`parameters` gives a site for every parameter of a model);
 - :meth:`Site.effective_weight` / :meth:`Site.effective_bias` read ``W`` and ``b`` with every update
   folded in (differentiable), :meth:`Site.merge` writes them into the base weights exactly and
   removes every trace of the method, :meth:`Site.remove` removes it without merging.
@@ -38,6 +40,9 @@ output and fold into its weight), :mod:`.attention` (parent-read weights), :mod:
 bookkeeping on adapted modules).
 """
 
-from .site import Site, at, merge_all, module_names, of_module, on_module, owned, remove_all, select
+from .site import (
+    ParamRef, Site, at, merge_all, module_names, of_module, on_module, owned, parameters, remove_all, select,
+)
 
-__all__ = ["Site", "at", "merge_all", "module_names", "of_module", "on_module", "owned", "remove_all", "select"]
+__all__ = ["ParamRef", "Site", "at", "merge_all", "module_names", "of_module", "on_module", "owned", "parameters",
+           "remove_all", "select"]

@@ -23,8 +23,8 @@ class _Update:
     block: int | None
     start: int
     stop: int
-    kind: str  # "branch" | "affine" | "map"
-    fn: Callable | None = None  # branch: (host, x) -> dy ; map: (host, y) -> y'
+    kind: str  # "branch" | "affine" | "map" | "weight"
+    fn: Callable | None = None  # branch: (host, x) -> dy ; map: (host, y) -> y' ; weight: (host, W) -> W'
     delta: Dense | None = None  # branch: dense Delta W rows (host) -> (stop-start, in...)
     bias_delta: Dense | None = None  # branch: Delta b rows
     exact: Callable[[nn.Module], bool] | None = None  # branch: fn(x) == x dW^T + db now

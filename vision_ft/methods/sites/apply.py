@@ -133,7 +133,9 @@ _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.batchnorm._
 
 
 def _output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    ups = _state(module).updates
+    ups = [u for u in _state(module).updates if u.kind != "weight"]
+    if not ups:
+        return output
     dim = 1 if isinstance(module, _CHANNELS_FIRST) else -1
     return _transform(module, ups, args[0], output, dim)
 
@@ -149,6 +151,9 @@ def _fold(host: nn.Module, w: torch.Tensor, b: torch.Tensor | None, ups: list[_U
         whole = s == 0 and e == w.shape[0]
         if u.kind == "map":
             raise AdapterError(f"{u.owner.rstrip('_')} applies a non-linear map: no effective weight exists")
+        if u.kind == "weight":  # the whole tensor, replaced (never a row slice: see Site.add_weight_map)
+            w = u.fn(host, w)
+            continue
         if u.kind == "branch":
             if u.delta is None and u.bias_delta is None:
                 raise AdapterError(f"{u.owner.rstrip('_')}'s update at {u.ref.module} is not a linear map of "
@@ -173,3 +178,22 @@ def _fold(host: nn.Module, w: torch.Tensor, b: torch.Tensor | None, ups: list[_U
         if b is not None and new_b is not None:
             b = new_b if whole else torch.cat([b[:s], new_b, b[e:]], 0)
     return w, b
+
+
+def _weight_forward(self: nn.Module, *args, **kwargs):
+    """A host's forward while some of its parameters are read through weight maps: each mapped
+    parameter is swapped for ``fn(host, W)`` (differentiable) for the duration of the class's own forward,
+    then put back, so the module keeps its type, its state dict and its other hooks."""
+    swaps: dict[str, torch.Tensor] = {}
+    for u in _state(self).updates:
+        if u.kind == "weight":
+            name = u.ref.param
+            swaps[name] = u.fn(self, swaps.get(name, self._parameters[name]))
+    if not swaps:
+        return type(self).forward(self, *args, **kwargs)
+    saved = {name: self._parameters[name] for name in swaps}
+    self._parameters.update(swaps)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        self._parameters.update(saved)

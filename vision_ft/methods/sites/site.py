@@ -12,7 +12,7 @@ from torch import nn
 
 from ...errors import AdapterError, ConfigError
 from ._state import _STATE, Branch, Dense, _state, _Update
-from .apply import _fold, _lowrank_delta, _lowrank_fn, _output_hook
+from .apply import _fold, _lowrank_delta, _lowrank_fn, _output_hook, _weight_forward
 from .attention import _mha_forward, _reader_has_updates
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,10 +124,11 @@ class Site:
     def _add(self, update: _Update) -> None:
         host = self.host
         state = _state(host, create=True)
-        first = not state.updates
+        weight = update.kind == "weight"
+        first = not any((u.kind == "weight") == weight for u in state.updates)
         state.updates.append(update)
         if first:
-            self._install()
+            self._install_weight_map() if weight else self._install()
 
     def _new(self, prefix: str, kind: str, **kw: Any) -> _Update:
         return _Update(prefix, self.ref, self.role, self.block, self.start, self.stop, kind, **kw)
@@ -166,6 +167,22 @@ class Site:
     def add_output_map(self, prefix: str, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
         """Sequential update ``y[rows] = fn(host, y[rows])`` (non-linear: never merged)."""
         self._add(self._new(prefix, "map", fn=fn))
+
+    def add_weight_map(self, prefix: str, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+        """The host's forward reads ``fn(host, W)`` (differentiable) in place of this whole parameter ``W``,
+        which itself stays untouched (e.g. trained entries written into a frozen weight: SaRA). Exact to
+        merge (:meth:`merge` writes ``fn(host, W)``); whole tensors of a module's own forward only."""
+        if self.key or self.ref.reader is not None:
+            raise ConfigError(f"{prefix.rstrip('_')} replaces whole parameters read by their module's own forward; "
+                              f"{self.name} is a slice or is read by {self.ref.reader}")
+        self._add(self._new(prefix, "weight", fn=fn))
+
+    def _install_weight_map(self) -> None:
+        host = self.host
+        if "forward" in host.__dict__:
+            raise ConfigError(f"{self.ref.module} ({type(host).__name__}) already runs a replaced forward; a weight "
+                              "map cannot be added to it")
+        host.forward = types.MethodType(_weight_forward, host)
 
     def updates(self, prefix: str | None = None) -> list[_Update]:
         state = _state(self.host)
@@ -226,6 +243,10 @@ class Site:
         for name in state.tensors.pop(prefix, []):
             for store in (host._parameters, host._buffers, host._modules):
                 store.pop(name, None)
+        if not any(u.kind == "weight" for u in state.updates):
+            forward = host.__dict__.get("forward")
+            if getattr(forward, "__func__", None) is _weight_forward:
+                del host.__dict__["forward"]
         if not state.updates:
             for key in [k for k, fn in host._forward_hooks.items() if fn is _output_hook]:
                 del host._forward_hooks[key]
@@ -267,6 +288,44 @@ def select(backbone: Backbone, roles: Iterable[str], blocks: Iterable[int] | Non
         bad = [b for b in wanted if not 0 <= b < depth]
         if bad:
             raise ConfigError(f"{method}: blocks {bad} out of range (0..{depth - 1}) ({_KEY}.blocks)")
+    return out
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """Where a whole parameter lives (the fields a backbone's ``WeightRef`` has): any parameter of the model,
+    for methods that adapt entries of every tensor rather than roles (SaRA)."""
+
+    module: str
+    param: str
+    bias: str | None = None
+    start: int = 0
+    stop: int | None = None
+    key: str = ""
+    reader: str | None = None
+
+
+def parameters(backbone: Backbone) -> list[Site]:
+    """A whole-tensor site for every floating-point parameter that its own module's forward reads (each
+    shared tensor once, at its first owner), role ``param``, in module order: the parameters of leaf
+    modules (linear, convolution, norm, embedding layers) and the packed ``in_proj`` of
+    ``nn.MultiheadAttention``. Not included, because no forward of their owner reads them: tensors held by
+    a container module and read by its other methods (a ViT's class token and position embedding,
+    read in ``forward_features``) and the ``out_proj`` of ``nn.MultiheadAttention`` (read by its parent)."""
+    model = backbone.model
+    out: list[Site] = []
+    seen: set[int] = set()
+    for mname, module in model.named_modules():
+        parent = model.get_submodule(mname.rpartition(".")[0]) if mname else None
+        if isinstance(parent, nn.MultiheadAttention):
+            continue
+        if next(module.children(), None) is not None and not isinstance(module, nn.MultiheadAttention):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            out.append(Site(model, ParamRef(mname, pname), "param"))
     return out
 
 
