@@ -275,3 +275,23 @@ def test_the_sample_is_deterministic_and_in_the_real_layouts(tmp_path):
     assert len(convs) > 100
     train_questions = {c[0][0]["content"] for c in convs}
     assert not any(f"{i.question}" in q for i in items for q in train_questions)  # test questions are not drills
+
+
+def test_bench_lm_quick_reports_measured_ratios(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from vision_ft.bench.lm import cmd_lm
+
+    assert cmd_lm(["--quick", "--json", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_lm.json").read_text())
+    rows = result["rows"]
+    assert set(rows) == {"lora", "qlora", "full"}
+    assert all(r["step_s"] > 0 and len(r["step_s_all"]) == 1 for r in rows.values())
+    lora = result["goals"]["lora_step_vs_full"]
+    assert lora["value"] == pytest.approx(rows["lora"]["step_s"] / rows["full"]["step_s"])
+    # the fp32 bytes of the quantised layers, counted independently from the unquantised model
+    plain = CausalLM("llama_test_tiny").model
+    linears = [m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    assert rows["qlora"]["fp32_bytes"] == sum(m.weight.numel() * 4 for m in linears)
+    assert rows["qlora"]["quantised_bytes"] < rows["qlora"]["fp32_bytes"] / 4  # 4 bits + scales < a quarter
+    assert rows["full"]["trainable"] == sum(p.numel() for p in plain.parameters())
+    assert rows["lora"]["trainable"] == 16 * sum(m.in_features + m.out_features for m in linears)  # r=16

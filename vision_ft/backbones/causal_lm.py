@@ -172,9 +172,10 @@ class CausalLM(Backbone):
 
         model_type, kwargs, style = TINY_LM_PRESETS[self.name]
         tok = tiny_tokenizer(style)
-        cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                                   **copy.deepcopy(kwargs))
+        kwargs = copy.deepcopy(kwargs)
+        vocab = max(len(tok), kwargs.pop("vocab_size", 0))
+        cfg = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **kwargs)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

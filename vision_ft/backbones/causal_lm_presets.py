@@ -97,7 +97,9 @@ TINY_LM_PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
     "phi3_test_tiny": ("phi3", dict(_COMMON), "chatml"),
 }
 
-#: a mid-size random Llama for ``bench lm`` (about 0.1 B parameters with its vocabulary)
-BENCH_LM_CONFIG: dict[str, Any] = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                                       num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
-                                       vocab_size=32000, tie_word_embeddings=False)
+#: a mid-size random Llama layout for ``bench lm``: 6 layers of width 512 and a 32k vocabulary (about 52M
+#: parameters, a third of them in the two embedding matrices); the tokenizer covers only its first ids
+TINY_LM_PRESETS["llama_bench_mid"] = ("llama", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                                                    num_attention_heads=8, num_key_value_heads=4,
+                                                    max_position_embeddings=2048, tie_word_embeddings=False,
+                                                    vocab_size=32000), "header")

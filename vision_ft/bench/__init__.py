@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="source pre-training (cached) then adaptation with every method, 3 seeds")
     _common(p)
     _transfer(p)
+    sub.add_parser("lm", add_help=False, help="causal LM: LoRA, QLoRA and full fine-tuning step time and memory "
+                   "(python -m vision_ft bench lm --help)")
     p = sub.add_parser("report", help="render --report from the section files in --out (no measurement)")
     _common(p)
     return parser
@@ -179,6 +181,10 @@ def write_report(out: Path, page: Path) -> Path:
 
 def cmd_bench(argv: list[str]) -> int:
     """Entry point of ``python -m vision_ft bench``; returns the exit status."""
+    if argv[:1] == ["lm"]:  # its own options: vision_ft.bench.lm
+        from .lm import cmd_lm
+
+        return cmd_lm(argv[1:])
     a = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:

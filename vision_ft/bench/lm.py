@@ -1,0 +1,240 @@
+"""``python -m vision_ft bench lm``: LoRA, QLoRA and full fine-tuning of a mid-size random causal LM, side by side.
+
+    python -m vision_ft bench lm                         # llama_bench_mid, batch 4 x 128 tokens
+    python -m vision_ft bench lm --quick                 # tiny model, one timed step (what the tests run)
+    python -m vision_ft bench lm --methods lora full --json
+
+One process times every method's training step (forward, backward, AdamW step) in alternating rounds, so
+the ratios are measured side by side under the same machine load; the median of the timed rounds is
+reported as step time and tokens per second. Peak memory is measured per method in a fresh process
+(peak RSS during the steps minus the RSS after building the model), as the vision bench does. QLoRA's
+quantised weights are counted from the 4-bit layers' own tensors (packed weights, absmax, nested scales)
+against the fp32 bytes of the same weights.
+
+Goals: LoRA step <= 0.75x full fine-tuning; QLoRA quantised weights <= 0.3x their fp32 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+METHODS = ("lora", "qlora", "full")
+GOALS = {"lora_step_vs_full": 0.75, "qlora_weight_bytes_vs_fp32": 0.3}
+
+
+def build(method: str, backbone: str, rank: int) -> tuple[Any, Any]:
+    """``(backbone, method)`` with the method applied, through the kit's own classes."""
+    from ..backbones import CausalLM
+    from ..methods import build_method
+
+    if method not in METHODS:
+        raise ConfigError(f"bench lm --methods: {method!r} unknown; choose from {list(METHODS)}")
+    lm = CausalLM(backbone, quantization="nf4" if method == "qlora" else "none")
+    if method == "full":
+        m = build_method("full")
+    else:
+        m = build_method({"class_path": "vision_ft.methods.LoRA", "init_args": {"r": rank, "alpha": 2 * rank}})
+    m.apply(lm)
+    lm.train()
+    return lm, m
+
+
+def _batch(lm: Any, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    vocab = lm.model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    return ids, ids.clone()
+
+
+def _optimizer(lm: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in lm.model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def step(lm: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    from ..data.chat import shifted_loss
+
+    loss, _ = shifted_loss(lm(ids), labels)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def quantised_bytes(lm: Any) -> dict[str, int]:
+    """Bytes of the 4-bit layers' storage (packed weights + quantisation state) and of the same weights in fp32."""
+    packed = fp32 = 0
+    for module in lm.model.modules():
+        own = module._parameters.get("weight")  # a peft wrapper forwards .weight to its base layer: count once
+        state = getattr(own, "quant_state", None)
+        if state is None:
+            continue
+        packed += module.weight.numel() * module.weight.element_size()
+        for t in (state.absmax, state.code, getattr(state, "offset", None)):
+            if isinstance(t, torch.Tensor):
+                packed += t.numel() * t.element_size()
+        if state.nested:
+            packed += sum(t.numel() * t.element_size() for t in (state.state2.absmax, state.state2.code))
+        fp32 += int(torch.Size(state.shape).numel()) * 4
+    return {"quantised_bytes": packed, "fp32_bytes": fp32}
+
+
+def persistent_bytes(lm: Any) -> dict[str, int]:
+    """Parameters, and what training keeps per trainable parameter (fp32 gradient + two AdamW moments)."""
+    params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    trainable = sum(p.numel() for p in lm.model.parameters() if p.requires_grad)
+    return {"parameter_bytes": params, "trainable": trainable, "grad_and_adam_bytes": trainable * 12}
+
+
+def measure_peak(method: str, backbone: str, rank: int, batch_size: int, seq_len: int, steps: int) -> dict[str, Any]:
+    """In this (fresh) process: peak RSS over ``steps`` training steps minus the RSS after building."""
+    from .memory import _reset_peak, _rss_bytes, _Sampler, _status_kib
+
+    lm, _ = build(method, backbone, rank)
+    ids, labels = _batch(lm, batch_size, seq_len)
+    opt = _optimizer(lm)
+    base = _rss_bytes()
+    if _reset_peak():
+        for _ in range(steps):
+            step(lm, opt, ids, labels)
+        peak = (_status_kib("VmHWM") or 0) * 1024
+    else:
+        with _Sampler() as sampler:
+            for _ in range(steps):
+                step(lm, opt, ids, labels)
+        peak = sampler.peak
+    return {"peak_bytes": int(peak - base)}
+
+
+def run(methods: list[str], backbone: str, rank: int, batch_size: int, seq_len: int, warmup: int, repeats: int,
+        rss: bool, log: Any = print) -> dict[str, Any]:
+    models = {}
+    for name in methods:
+        log(f"[bench lm] building {name} on {backbone}")
+        lm, m = build(name, backbone, rank)
+        models[name] = (lm, _optimizer(lm))
+    ids, labels = _batch(next(iter(models.values()))[0], batch_size, seq_len)
+    times: dict[str, list[float]] = {n: [] for n in methods}
+    for r in range(warmup + repeats):  # alternating rounds: every method sees the same machine load
+        for name, (lm, opt) in models.items():
+            started = time.perf_counter()
+            step(lm, opt, ids, labels)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - started)
+        log(f"[bench lm] round {r + 1}/{warmup + repeats}" + (" (warm-up)" if r < warmup else ""))
+    cfg = next(iter(models.values()))[0].model.config
+    rows: dict[str, Any] = {}
+    for name, (lm, _) in models.items():
+        median = statistics.median(times[name])
+        row = {"step_s": median, "step_s_all": times[name], "tokens_per_s": batch_size * seq_len / median,
+               **persistent_bytes(lm)}
+        if name == "qlora":
+            row.update(quantised_bytes(lm))
+        rows[name] = row
+    del models
+    if rss:
+        for name in methods:
+            log(f"[bench lm] peak memory of {name} (fresh process)")
+            rows[name].update(_peak_in_fresh_process(name, backbone, rank, batch_size, seq_len))
+    model = {"backbone": backbone, "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+             "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+             "attention_heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+             "parameters": sum(p.numel() for p in build("full", backbone, rank)[0].model.parameters())}
+    return {"model": model, "rows": rows, "goals": goals(rows)}
+
+
+def _peak_in_fresh_process(name: str, backbone: str, rank: int, batch_size: int, seq_len: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "vision_ft.bench.lm", "--child", name, "--backbone", backbone, "--rank", str(rank),
+           "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"peak_error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def goals(rows: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "lora" in rows and "full" in rows:
+        ratio = rows["lora"]["step_s"] / rows["full"]["step_s"]
+        out["lora_step_vs_full"] = {"value": ratio, "goal": GOALS["lora_step_vs_full"],
+                                    "met": ratio <= GOALS["lora_step_vs_full"]}
+    if "qlora" in rows:
+        ratio = rows["qlora"]["quantised_bytes"] / rows["qlora"]["fp32_bytes"]
+        out["qlora_weight_bytes_vs_fp32"] = {"value": ratio, "goal": GOALS["qlora_weight_bytes_vs_fp32"],
+                                             "met": ratio <= GOALS["qlora_weight_bytes_vs_fp32"]}
+    return out
+
+
+def report(result: dict[str, Any]) -> str:
+    m, rows = result["model"], result["rows"]
+    full = rows.get("full", {}).get("step_s")
+    lines = [f"bench lm: {m['backbone']} (random weights; hidden {m['hidden_size']}, {m['layers']} layers, "
+             f"MLP {m['intermediate_size']}, vocab {m['vocab_size']}, {m['attention_heads']}/{m['kv_heads']} "
+             f"q/kv heads; {m['parameters'] / 1e6:.1f}M parameters)",
+             f"{'method':<8} {'step s':>8} {'x full':>7} {'tokens/s':>9} {'trainable':>12} {'peak MB':>9}"]
+    for name, r in rows.items():
+        ratio = f"{r['step_s'] / full:.2f}" if full else "-"
+        peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "-"
+        lines.append(f"{name:<8} {r['step_s']:>8.3f} {ratio:>7} {r['tokens_per_s']:>9.0f} {r['trainable']:>12,} "
+                     f"{peak:>9}")
+    if "qlora" in rows:
+        q = rows["qlora"]
+        lines.append(f"qlora 4-bit layers: {q['quantised_bytes'] / 2**20:.1f} MB vs {q['fp32_bytes'] / 2**20:.1f} MB "
+                     f"in fp32 ({q['quantised_bytes'] / q['fp32_bytes']:.3f}x)")
+    for key, g in result["goals"].items():
+        lines.append(f"goal {key}: {g['value']:.3f} (<= {g['goal']}) {'met' if g['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def cmd_lm(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vision_ft bench lm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--backbone", default=None, help="a CausalLM preset (default llama_bench_mid)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank), all projections")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
+    p.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="skip fresh-process peak memory")
+    p.add_argument("--out", default="runs/bench", help="folder for bench_lm.json")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quick", action="store_true", help="tiny model, one timed round, no fresh processes")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    quick = dict(backbone="llama_test_tiny", batch_size=2, seq_len=32, warmup=1, repeats=1, rss=False)
+    full = dict(backbone="llama_bench_mid", batch_size=4, seq_len=128, warmup=1, repeats=3, rss=True)
+    preset = quick if a.quick else full
+    args = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in preset.items()}
+    if args["batch_size"] < 1 or args["seq_len"] < 2 or args["repeats"] < 1 or a.rank < 1:
+        raise ConfigError("bench lm: --batch-size, --rank and --repeats must be >= 1, --seq-len >= 2")
+    if a.child:
+        print(json.dumps(measure_peak(a.child, args["backbone"], a.rank, args["batch_size"], args["seq_len"], 2)))
+        return 0
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.json else print
+    started = time.time()
+    result = run(a.methods, args["backbone"], a.rank, args["batch_size"], args["seq_len"], args["warmup"],
+                 args["repeats"], args["rss"], log=log)
+    result["meta"] = {"command": "python -m vision_ft bench lm " + " ".join(argv), "settings": {**args, "rank": a.rank},
+                      "threads": torch.get_num_threads(), "wall_s": time.time() - started,
+                      "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+    from ..io import atomic_write_text
+
+    atomic_write_text(Path(a.out) / "bench_lm.json", json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1) if a.json else report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cmd_lm(sys.argv[1:]))
