@@ -295,3 +295,15 @@ def test_bench_lm_quick_reports_measured_ratios(tmp_path, capsys):
     assert rows["qlora"]["quantised_bytes"] < rows["qlora"]["fp32_bytes"] / 4  # 4 bits + scales < a quarter
     assert rows["full"]["trainable"] == sum(p.numel() for p in plain.parameters())
     assert rows["lora"]["trainable"] == 16 * sum(m.in_features + m.out_features for m in linears)  # r=16
+
+
+def test_methods_command_lists_what_applies_to_a_language_model(capsys):
+    from vision_ft.cli import main
+
+    assert main(["methods", "--backbone", "qwen2_test_tiny", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    plain = CausalLM("qwen2_test_tiny").model
+    linears = [m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    assert rows["lora"]["trainable_params"] == 8 * sum(m.in_features + m.out_features for m in linears)
+    assert rows["full"]["trainable_params"] == sum(p.numel() for p in plain.parameters())
+    assert "no patch-embedding stem" in rows["ssf"]["error"] and "text tower" in rows["coop"]["error"]

@@ -364,8 +364,20 @@ def build_backbone_for_counts(name: str) -> Backbone:
     """A randomly initialised backbone for parameter counts (``python -m vision_ft methods --backbone``):
     an open_clip model name or tiny preset gives :class:`OpenCLIP`, a transformers CLIP/SigLIP tiny preset
     or known hub id (``openai/clip-vit-base-patch16``, ``google/siglip-base-patch16-224``...) ``HFCLIP``,
-    anything else ``TimmViT``."""
+    a Stable Diffusion preset or known hub id (``sd_test_tiny``, ``stable-diffusion-v1-5/stable-diffusion-v1-5``)
+    ``StableDiffusion``, anything else ``TimmViT``."""
     import open_clip
+
+    from .stable_diffusion import StableDiffusion, is_sd_name
+
+    if is_sd_name(name):
+        return StableDiffusion(name)
+    from .causal_lm_presets import TINY_LM_PRESETS
+
+    if name in TINY_LM_PRESETS:  # causal LM presets (hub ids of language models need a download)
+        from .causal_lm import CausalLM
+
+        return CausalLM(name)
 
     if name in TINY_PRESETS or open_clip.get_model_config(name) is not None:
         return OpenCLIP(name)
