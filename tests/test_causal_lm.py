@@ -161,3 +161,49 @@ def test_local_folder_round_trip(lms, tmp_path):
     torch.testing.assert_close(again(x), lm(x))
     assert again.tokenizer.chat_template == lm.tokenizer.chat_template
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "phi3"
+
+
+def _write_gguf(lm: CausalLM, path) -> None:
+    """A GGUF file as llama.cpp's converter writes one (qwen2 architecture, fp32 tensors, BPE vocabulary)."""
+    gguf = pytest.importorskip("gguf")
+    cfg, tok = lm.model.config, lm.tokenizer
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    special = set(tok.all_special_tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, cfg.num_hidden_layers)
+    for name, t in lm.model.state_dict().items():
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_loads_through_transformers(lms, tmp_path):
+    lm = lms["qwen2_test_tiny"]
+    _write_gguf(lm, tmp_path / "tiny.gguf")
+    again = CausalLM(checkpoint=str(tmp_path / "tiny.gguf"))
+    x = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again(x), lm(x))
+    assert again.tokenizer.chat_template == lm.tokenizer.chat_template
+    text = "option 2: the AMF handles mobility"
+    assert again.tokenizer.decode(again.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert again.weights_source.startswith("local checkpoint")
