@@ -230,3 +230,45 @@ def test_bf16_true_keeps_trainable_tensors_fp32(tmp_path):
     frozen = [p for n, p in task.backbone.model.named_parameters() if not p.requires_grad and "to_q" in n]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert frozen[0].dtype == torch.bfloat16
+
+
+def test_run_folder_export_merge_and_sara_remask_in_training(tmp_path):
+    """A trained run (SaRA, re-masked during fit by the task's hook) is rebuilt from its folder and exported
+    merged as a pipeline folder whose UNet computes what the adapted model computes."""
+    from vision_ft.export import export_merged, load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    task = _task(method={"class_path": "vision_ft.methods.SaRA",
+                         "init_args": {"threshold": 2e-2, "progressive_step": 2, "nuclear_min_dim": 16}}, lr=5e-2)
+    _trainer(tmp_path, 4).fit(task, train_dataloaders=_Data().train_dataloader())
+    method = task.method
+    assert method._remasked
+    opt = task.trainer.optimizers[0]
+    values = [p for p in task.backbone.model.parameters() if p.requires_grad]
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in values)
+    assert sum(p.numel() for p in values) == method.mask_size()
+    save_adapter(task, tmp_path / "run")
+    loaded = load_adapter(tmp_path / "run")
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([400])
+    text = task.backbone.encode_text([PROMPT])
+    with torch.no_grad():
+        ours = task.backbone.denoise(x, t, text)
+        assert torch.equal(loaded.backbone.denoise(x, t, text), ours)
+    out = export_merged(tmp_path / "run", tmp_path / "merged")
+    pipe = _plain_pipeline(out)
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(x, t, encoder_hidden_states=text).sample, ours, atol=1e-6)
+
+
+def test_methods_command_lists_what_applies_to_sd(capsys):
+    import json
+
+    from vision_ft.cli import main
+
+    assert main(["methods", "--backbone", "sd_test_tiny", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    for name in ("lora", "sara", "ssf", "snell", "pego", "clip_lora", "full"):
+        assert rows[name]["trainable_params"], name
+    assert rows["coop"]["trainable_params"] is None and "text tower" in rows["coop"]["error"]
+    assert rows["dr_tune"]["image_classification_only"] and not rows["lora"]["image_classification_only"]
+    assert rows["sara"]["trainable_params"] == sum(int((p.abs() < 2e-3).sum()) for p in _base().model.parameters())
