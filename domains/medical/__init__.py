@@ -20,7 +20,8 @@ NIFTI_CONFIG = Path(__file__).resolve().parent.parent / "medical_nifti.yaml"
 _EXPORTS = {"MedicalSampleData": ".data", "CLASS_NAMES": ".sample", "write_sample": ".sample",
             "MedicalDetectionData": ".detection_data", "kvasir_to_coco": ".detection_data",
             "write_detection_sample": ".detection_sample",
-            "MedicalDicomData": ".formats_data", "write_dicom_sample": ".dicom_sample"}
+            "MedicalDicomData": ".formats_data", "write_dicom_sample": ".dicom_sample",
+            "MedicalNiftiData": ".formats_data", "write_nifti_sample": ".nifti_sample"}
 __all__ = sorted([*_EXPORTS, "CONFIG", "DETECTION_CONFIG", "DICOM_CONFIG", "NIFTI_CONFIG"])
 
 

@@ -5,6 +5,7 @@ modules import them only when a file is read.
 """
 
 from .dicom_data import DicomManifestData, DicomSamples
+from .nifti_data import NiftiSliceData, NiftiSlices
 from .patient_data import PatientSplitData
 from .patients import check_no_leakage, draw_patient_split, read_split_file, resolve_patient_split
 from .windowing import WINDOW_PRESETS, apply_window, linear_window, resolve_window
@@ -12,6 +13,8 @@ from .windowing import WINDOW_PRESETS, apply_window, linear_window, resolve_wind
 __all__ = [
     "DicomManifestData",
     "DicomSamples",
+    "NiftiSliceData",
+    "NiftiSlices",
     "PatientSplitData",
     "WINDOW_PRESETS",
     "apply_window",
