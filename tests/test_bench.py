@@ -172,13 +172,27 @@ def test_method_specs_variants_and_errors():
             raise ConfigError("no CUDA (skipped: a GPU is present)")
 
 
-def test_peak_memory_child_measures_a_training_step():
-    """The fresh-process measurement's own code, run in this process (the subprocess test is slow)."""
+def test_peak_memory_child_sees_a_known_allocation_inside_the_step(monkeypatch):
+    """The fresh-process measurement's own code, run in this process (the subprocess test is slow), with
+    a known 64 MiB tensor alive during the training step: the measured peak must contain it (glibc serves
+    an allocation this large with fresh pages, so no freed memory can hide it) and not much more."""
+    from vision_ft.bench import common
     from vision_ft.bench.memory import measure
 
+    size = 64 * 2**20
+    step = common.train_step
+
+    def step_holding_a_known_tensor(task, batch, opt):
+        held = torch.ones(size // 4)  # written, so its pages are resident
+        out = step(task, batch, opt)
+        del held
+        return out
+
+    monkeypatch.setattr(common, "train_step", step_holding_a_known_tensor)
     settings = Settings(backbone="vit_test_tiny", batch_size=2, num_classes=3, rss_steps=1)
     result = measure({"settings": settings.to_dict(), "threads": 1, "spec": {"name": "lora", "args": []}})
-    assert result["peak_bytes"] >= 0 and result["baseline_bytes"] > 0 and "RSS" in result["how"]
+    assert size * 0.98 <= result["peak_bytes"] < size + 256 * 2**20, result
+    assert result["baseline_bytes"] > 0 and "RSS" in result["how"]
 
 
 @pytest.mark.slow
