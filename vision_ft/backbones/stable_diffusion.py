@@ -57,6 +57,17 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
                           prediction_type="epsilon", clip_sample=False, steps_offset=1),
     },
 }
+#: a mid-size UNet for ``bench diffusion`` (SD 1.x block layout at reduced widths; tiny VAE, narrow text tower)
+TINY_PRESETS["sd_bench_mid"] = {
+    "unet": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(128, 256, 384),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=256,
+                 attention_head_dim=8, norm_num_groups=32),
+    "vae": TINY_PRESETS["sd_test_tiny"]["vae"],
+    "text": {**TINY_PRESETS["sd_test_tiny"]["text"], "hidden_size": 256, "intermediate_size": 512,
+             "num_attention_heads": 4, "num_hidden_layers": 1},
+    "scheduler": TINY_PRESETS["sd_test_tiny"]["scheduler"],
+}
 #: random-init architectures of released checkpoints (``methods --backbone``: counts need no download)
 KNOWN_UNETS: dict[str, dict[str, Any]] = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": dict(cross_attention_dim=768, sample_size=64),
