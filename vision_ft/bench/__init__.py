@@ -178,6 +178,11 @@ def write_report(out: Path, page: Path) -> Path:
     sections = load_sections(out)
     if not sections:
         raise ConfigError(f"bench --report: no bench_*.json in {str(out)!r} (run a section with --out {out} first)")
+    assets = page.parent / page.stem  # the raw results go beside the page (committed with it), then the page
+    assets.mkdir(parents=True, exist_ok=True)
+    for key in sections:
+        if (out / f"bench_{key}.json").resolve() != (assets / f"bench_{key}.json").resolve():
+            atomic_write_text(assets / f"bench_{key}.json", (out / f"bench_{key}.json").read_text())
     return atomic_write_text(page, markdown(sections, page))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 
@@ -15,13 +16,35 @@ PEFT_GOAL = 1.05
 #: merged model latency vs the untouched base model
 MERGE_GOAL = 1.02
 
-def _why(name: str, goal: str) -> str:
-    """The method's own note on why it misses ``goal`` (``Method.bench_notes``)."""
+#: a measured value inside a method's note: ``{measured:<row label>:<key>}``, e.g.
+#: ``{measured:clip_lora[dropout=0]:ratio_vs_peft}`` -> ``0.98x`` from this run's train section
+MEASURED = re.compile(r"\{measured:([^:{}]+):(\w+)\}")
+
+
+def render_note(note: str, train: dict[str, Any] | None, infer: dict[str, Any] | None) -> str:
+    """A note with each ``{measured:ROW:KEY}`` replaced by that row's value in this run (``0.98x``), or by
+    ``(not measured in this run)`` when the row or value is absent: notes never carry numbers of another run."""
+    rows: dict[str, dict[str, Any]] = {}
+    for section in (infer, train):  # train wins on a shared label
+        for r in (section or {}).get("rows", []):
+            rows.setdefault(r["method"], {}).update(r)
+
+    def value(match: re.Match) -> str:
+        v = rows.get(match.group(1), {}).get(match.group(2))
+        return f"{v:.2f}x" if isinstance(v, (int, float)) and math.isfinite(v) else "(not measured in this run)"
+
+    return MEASURED.sub(value, note)
+
+
+def _why(name: str, goal: str, train: dict[str, Any] | None = None, infer: dict[str, Any] | None = None) -> str:
+    """The method's own note on why it misses ``goal`` (``Method.bench_notes``), with this run's numbers."""
     from ..methods import registered
 
     cls = registered().get(name)
     note = cls.bench_notes.get(goal) if cls is not None else None
-    return note or f"not analysed yet: add the reason to {name}'s bench_notes[{goal!r}] (vision_ft.methods)"
+    if not note:
+        return f"not analysed yet: add the reason to {name}'s bench_notes[{goal!r}] (vision_ft.methods)"
+    return render_note(note, train, infer)
 
 
 # --- goals -------------------------------------------------------------------------------------------
@@ -34,7 +57,7 @@ def evaluate_goals(train: dict[str, Any] | None, infer: dict[str, Any] | None) -
         if met is None and value is not None:
             met = value <= target if lower else value >= target
         if met is False and why is None:
-            why = _why(row["name"], goal)
+            why = _why(row["name"], goal, train, infer)
         rows.append({"method": row["method"], "name": row["name"], "goal": goal, "what": text, "value": value,
                      "shown": shown if shown is not None else ("—" if value is None or math.isnan(value) else f"{value:.3f}"), "target": target,
                      "comparison": "<=" if lower else ">=", "met": met, "why": why if met is False else None})

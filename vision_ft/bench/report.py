@@ -76,11 +76,13 @@ def train_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def infer_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["method", "base ms", "unmerged ms", "unmerged × base", "merged ms", "merged × base", "merged is plain timm"]
+    head = ["method", "base ms", "unmerged ms", "unmerged × base", "base ms (merged rounds)", "merged ms",
+            "merged × base", "merged is plain timm"]
     rows = []
     for r in result["rows"]:
-        merged = r.get("merged")
+        merged, base_merged = r.get("merged"), r.get("base_merged")
         rows.append([r["method"], _ms(r["base"]["median_s"]), _ms(r["unmerged"]["median_s"]), _x(r["unmerged_ratio"]),
+                     _ms(base_merged["median_s"]) if merged and base_merged else "—",
                      _ms(merged["median_s"]) if merged else "not mergeable", _x(r.get("merged_ratio")),
                      {True: "yes", False: "no", None: "—"}[r.get("merged_plain_model")]])
     return head, rows
@@ -170,6 +172,9 @@ def markdown(sections: dict[str, Any], page: Path) -> str:
             "of each section is stated with it below, about 35 minutes in all for 15 methods on 2 CPU cores — run "
             "it on an otherwise idle machine) and the transfer testbed "
             "(a few minutes):", "", "```bash", FULL_COMMANDS, "```", "",
+            f"The raw results this page is rendered from are committed beside it (`{rel}/bench_<section>.json`, "
+            "copied there by `--report`); the page is re-rendered from them, without measuring, by "
+            f"`python -m vision_ft bench report --out {page.parent.as_posix()}/{rel} --report {page.as_posix()}`.", "",
             "A quick smoke run on a tiny ViT (what the tests run): "
             "`python -m vision_ft bench all --quick --out runs/bench_quick`. "
             "`--device cuda` runs the same on a GPU (peak memory then is `torch.cuda.max_memory_allocated`).", ""]
@@ -232,7 +237,9 @@ def markdown(sections: dict[str, Any], page: Path) -> str:
             out += [md_table(*infer_table(result)), "",
                     "Each method's model is timed alternately with the untouched base model (its own baseline per "
                     "row), in eval mode without gradients, after the method's end-of-training step; merged = "
-                    "`method.merge(backbone)`. Non-mergeable methods keep their modules at inference.", ""]
+                    "`method.merge(backbone)`. The merged model is timed in rounds of its own, alternating with the "
+                    "base model again: `merged × base` = `merged ms` / `base ms (merged rounds)`, and `unmerged × "
+                    "base` = `unmerged ms` / `base ms`. Non-mergeable methods keep their modules at inference.", ""]
         else:
             out += _transfer_text(result) + [""]
         if result.get("skipped"):

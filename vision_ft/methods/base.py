@@ -327,7 +327,9 @@ class Method:
     lora_family: ClassVar[bool] = False
     #: why a measured bench goal is missed, by goal (``time``: step vs full fine-tuning, ``memory``,
     #: ``peft``: step vs the peft twin): what the method's step does that costs it. Shown on the
-    #: benchmark page under a missed goal; a miss without a note is flagged there as not analysed.
+    #: benchmark page under a missed goal; a miss without a note is flagged there as not analysed. A note
+    #: cites numbers only as ``{measured:<row label>:<key>}`` (e.g. ``{measured:lora:ratio_vs_peft}``),
+    #: filled from the run the page shows; a number typed into a note would describe another run.
     bench_notes: ClassVar[dict[str, str]] = {}
 
     def paper_parameters(self) -> dict[str, Any] | None:

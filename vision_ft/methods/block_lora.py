@@ -94,7 +94,8 @@ class BlockLoRA(CLIPLoRA):
         "time": "Block-LoRA is CLIP-LoRA's step (three input-dropout draws, see clip_lora) and each branch first "
                 "sums the n chunks of its dropped input (a reshape and reduction over every token).",
         "peft": "as clip_lora (three dropout draws where peft draws one; without dropout the shared "
-                "low-rank path measures 0.98x, see clip_lora[dropout=0]), plus the chunk sum of each input.",
+                "low-rank path measures {measured:clip_lora[dropout=0]:ratio_vs_peft}, see clip_lora[dropout=0]), "
+                "plus the chunk sum of each input.",
     }
 
     def __init__(

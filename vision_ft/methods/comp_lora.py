@@ -99,7 +99,8 @@ class CompLoRA(CLIPLoRA):
         "time": "Comp-LoRA is CLIP-LoRA's step (three input-dropout draws, see clip_lora) plus the projection "
                 "B - U_k (U_k^T B) of every site at every step.",
         "peft": "as clip_lora (three dropout draws where peft draws one; without dropout the shared "
-                "low-rank path measures 0.98x, see clip_lora[dropout=0]), plus the projection of every B.",
+                "low-rank path measures {measured:clip_lora[dropout=0]:ratio_vs_peft}, see clip_lora[dropout=0]), "
+                "plus the projection of every B.",
     }
 
     def __init__(
