@@ -20,6 +20,7 @@ from torchmetrics.classification import (
 from ..backbones import Backbone
 from ..export import update_metrics
 from ..methods import Method
+from ..metrics.multilabel import IGNORE, LabelThresholds, masked_bce_with_logits, metric_targets
 from ..plots import plot_confusion_matrix, plot_per_label
 from .base import BaseTask, refuse_without_native_classifier
 
@@ -30,7 +31,9 @@ class ImageClassificationTask(BaseTask):
     Args:
         num_classes: number of classes (labels, when multi-label); linked from the data.
         class_names: names in label order; linked from the data.
-        multilabel: independent sigmoid per label with BCE (MedMNIST-Chest style).
+        multilabel: independent sigmoid per label with BCE (MedMNIST-Chest style). NaN labels
+            (unknown, e.g. uncertain findings under the ``ignore`` policy) are left out of the
+            loss and the metrics; predictions use per-label thresholds chosen on validation.
         label_smoothing: cross-entropy label smoothing (single-label only).
         head_dropout: dropout before the head.
         (see :class:`BaseTask` for backbone, method and optimiser arguments)
@@ -72,16 +75,20 @@ class ImageClassificationTask(BaseTask):
         nn.init.zeros_(self.head.bias)
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
-        if multilabel:
-            self.test_auroc_per_label = MultilabelAUROC(num_labels=self.num_classes, average=None)
+        if multilabel:  # labels may hold NaN = unknown (e.g. an uncertain finding under the ignore policy)
+            self.test_auroc_per_label = MultilabelAUROC(num_labels=self.num_classes, average=None, ignore_index=IGNORE)
+            self.thresholds = LabelThresholds(self.num_classes)  # per label, chosen on validation (Youden's J)
+            self.test_f1_at_thresholds = MultilabelF1Score(num_labels=self.num_classes, average="macro",
+                                                           ignore_index=IGNORE)
         else:
             self.test_confusion = MulticlassConfusionMatrix(num_classes=self.num_classes)
 
     def _metrics(self, prefix: str) -> MetricCollection:
         k = self.num_classes
         if self.multilabel:
-            m = {"acc": MultilabelAccuracy(num_labels=k), "f1": MultilabelF1Score(num_labels=k, average="macro"),
-                 "auroc": MultilabelAUROC(num_labels=k, average="macro")}
+            m = {"acc": MultilabelAccuracy(num_labels=k, ignore_index=IGNORE),
+                 "f1": MultilabelF1Score(num_labels=k, average="macro", ignore_index=IGNORE),
+                 "auroc": MultilabelAUROC(num_labels=k, average="macro", ignore_index=IGNORE)}
         else:
             m = {"acc": MulticlassAccuracy(num_classes=k, average="micro"),
                  "f1": MulticlassF1Score(num_classes=k, average="macro"),
@@ -90,7 +97,7 @@ class ImageClassificationTask(BaseTask):
 
     # --- model -------------------------------------------------------------------------
     def head_modules(self) -> dict[str, nn.Module]:
-        return {"head": self.head}
+        return {"head": self.head, "thresholds": self.thresholds} if self.multilabel else {"head": self.head}
 
     #: the data's raw-image transform (``ClassificationData.input_transform``), recorded with the run
     input_transform_spec: dict[str, Any] | None = None
@@ -118,8 +125,8 @@ class ImageClassificationTask(BaseTask):
         return {"logits": self.head(self.head_dropout(pooled)), "features": pooled, "inputs": inputs}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.multilabel:
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        if self.multilabel:  # NaN labels are left out of the mean
+            return masked_bce_with_logits(logits, labels)
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -154,7 +161,7 @@ class ImageClassificationTask(BaseTask):
         labels = batch["label"]
         self.log(f"{stage}/loss", self.loss(logits, labels), sync_dist=True)
         probs = self.probabilities(logits)
-        metrics.update(probs, labels.int() if self.multilabel else labels)
+        metrics.update(probs, metric_targets(labels) if self.multilabel else labels)
         self.log_dict(metrics, prog_bar=stage == "val")
         if "domain" in batch and hasattr(self, "domain_acc"):
             self.domain_acc[stage].update(probs.argmax(-1), labels, batch["domain"])
@@ -175,26 +182,38 @@ class ImageClassificationTask(BaseTask):
 
     def on_validation_epoch_end(self) -> None:
         self._log_domain_accuracy("val")
+        if self.multilabel and not self.trainer.sanity_checking:
+            chosen = self.thresholds.choose()
+            if chosen is not None:
+                self.log("val/threshold_mean", chosen.mean())
+        elif self.multilabel:
+            self.thresholds.collector.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        probs, labels = self._eval_step(batch, self.val_metrics, "val")
+        if self.multilabel:
+            self.thresholds.update(probs, labels)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         probs, labels = self._eval_step(batch, self.test_metrics, "test")
         if self.multilabel:
-            self.test_auroc_per_label.update(probs, labels.int())
+            targets = metric_targets(labels)
+            self.test_auroc_per_label.update(probs, targets)
+            self.test_f1_at_thresholds.update(self.thresholds.predict(probs), targets)
         else:
             self.test_confusion.update(probs.argmax(-1), labels)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         probs = self.probabilities(self(batch["image"]))
-        return {"probs": probs, "pred": (probs > 0.5).int() if self.multilabel else probs.argmax(-1)}
+        return {"probs": probs, "pred": self.thresholds.predict(probs) if self.multilabel else probs.argmax(-1)}
 
     def on_test_epoch_end(self) -> None:
         self._log_domain_accuracy("test")
         if self.multilabel:
             per_label = self.test_auroc_per_label.compute().cpu().numpy()
             self.test_auroc_per_label.reset()
+            self.log("test/f1_at_val_thresholds", self.test_f1_at_thresholds.compute())
+            self.test_f1_at_thresholds.reset()
             self._test_extra = ("auroc", per_label)
         else:
             matrix = self.test_confusion.compute().cpu().numpy()
@@ -220,6 +239,8 @@ class ImageClassificationTask(BaseTask):
             metrics = self.final_metrics("test/")
             if kind == "auroc":
                 metrics.update({f"test/auroc_{n}": round(float(v), 6) for n, v in zip(self.class_names, value)})
+                metrics.update({f"val/threshold_{n}": round(float(t), 6)
+                                for n, t in zip(self.class_names, self.thresholds.values)})
             update_metrics(run_dir, metrics)
             rank_zero_info(f"[vision_ft] test metrics added to {run_dir / 'adapter.json'}")
 
@@ -246,8 +267,8 @@ class ImageClassificationTask(BaseTask):
             probs = self.probabilities(self(b.to(self.device).float())).cpu()
             for row in probs:
                 named = {n: float(p) for n, p in zip(self.class_names, row)}
-                label = ([n for n, p in named.items() if p > 0.5] if self.multilabel
-                         else self.class_names[int(row.argmax())])
+                label = ([n for n, hit in zip(self.class_names, self.thresholds.predict(row)) if hit]
+                         if self.multilabel else self.class_names[int(row.argmax())])
                 out.append({"label": label, "probs": named})
         return out
 

@@ -4,6 +4,7 @@ Needs the ``medical`` extra (``pip install 'vision_ft[medical]'``: pydicom, niba
 modules import them only when a file is read.
 """
 
+from .chest_xray import CHEXPERT_FINDINGS, NIH_FINDINGS, ChestXrayData, map_uncertain
 from .dicom_data import DicomManifestData, DicomSamples
 from .nifti_data import NiftiSliceData, NiftiSlices
 from .patient_data import PatientSplitData
@@ -11,6 +12,10 @@ from .patients import check_no_leakage, draw_patient_split, read_split_file, res
 from .windowing import WINDOW_PRESETS, apply_window, linear_window, resolve_window
 
 __all__ = [
+    "CHEXPERT_FINDINGS",
+    "ChestXrayData",
+    "NIH_FINDINGS",
+    "map_uncertain",
     "DicomManifestData",
     "DicomSamples",
     "NiftiSliceData",

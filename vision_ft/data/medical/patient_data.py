@@ -23,8 +23,10 @@ from .patients import check_fractions, check_no_leakage, resolve_patient_split
 log = logging.getLogger("vision_ft")
 
 
-def read_csv_rows(path: str | Path, required: Sequence[str], key: str) -> list[dict]:
-    """Rows of a CSV with a header as dicts (values stripped), plus ``_line``; missing columns name the file."""
+def read_csv_rows(path: str | Path, required: Sequence[str], key: str,
+                  nonempty: Sequence[str] | None = None) -> list[dict]:
+    """Rows of a CSV with a header as dicts (values stripped), plus ``_line``; missing columns name the file.
+    Values of ``nonempty`` (default: all ``required``) must not be blank."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"data.init_args.{key}: file {file} does not exist")
@@ -43,7 +45,7 @@ def read_csv_rows(path: str | Path, required: Sequence[str], key: str) -> list[d
     if not rows:
         raise DataError(f"{file} (data.init_args.{key}) has no rows")
     for r in rows:
-        empty = [c for c in required if not r.get(c)]
+        empty = [c for c in (required if nonempty is None else nonempty) if not r.get(c)]
         if empty:
             raise DataError(f"{file} line {r['_line']}: empty {empty} (data.init_args.{key})")
     return rows
