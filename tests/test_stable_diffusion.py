@@ -272,3 +272,12 @@ def test_methods_command_lists_what_applies_to_sd(capsys):
     assert rows["coop"]["trainable_params"] is None and "text tower" in rows["coop"]["error"]
     assert rows["dr_tune"]["image_classification_only"] and not rows["lora"]["image_classification_only"]
     assert rows["sara"]["trainable_params"] == sum(int((p.abs() < 2e-3).sum()) for p in _base().model.parameters())
+
+
+def test_sara_remask_with_ema_restarts_the_resized_averages(tmp_path):
+    task = _task(method={"class_path": "vision_ft.methods.SaRA",
+                         "init_args": {"threshold": 2e-2, "progressive_step": 2}}, lr=5e-2, ema_decay=0.9)
+    _trainer(tmp_path, 4).fit(task, train_dataloaders=_Data().train_dataloader())
+    assert task.method._remasked
+    values = [p for p in task.backbone.model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in values) == task.method.mask_size()

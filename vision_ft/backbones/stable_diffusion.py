@@ -298,7 +298,7 @@ class StableDiffusion(Backbone):
         return out
 
     def save_lora(self, out_dir: str | Path, layers: dict[str, torch.Tensor]) -> Path:
-        """``pytorch_lora_weights.safetensors`` in diffusers' layout (``unet.<module>.lora_A/B.weight``) from
+        """``pytorch_lora_weights.safetensors`` in diffusers' layout (``unet.<module>.lora.down/up.weight``) from
         :meth:`~vision_ft.methods.Method.lora_layers`; ``StableDiffusionPipeline.load_lora_weights(out_dir)``
         loads it (scaling already folded into ``lora_B``, so the file's alpha is its rank)."""
         from diffusers import StableDiffusionPipeline
