@@ -210,3 +210,18 @@ def test_training_with_ignored_labels_chooses_thresholds_and_reports_per_finding
         probs = loaded.probabilities(loaded(x))
     labels = [p["label"] for p in loaded.predict_images(x)]
     assert labels == [[n for n, p, t in zip(dm.class_names, row, chosen) if p >= t] for row in probs]
+
+
+def test_auroc_leaves_out_findings_without_positives_or_negatives():
+    from vision_ft.metrics.multilabel import DefinedAUROC
+
+    probs = torch.tensor([[0.9, 0.2, 0.5], [0.4, 0.3, 0.6], [0.6, 0.8, 0.1], [0.1, 0.1, 0.7]])
+    labels = torch.tensor([[1.0, 0.0, NAN], [0.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, NAN]])
+    per_label = DefinedAUROC(3, average=None)
+    per_label.update(probs, metric_targets(labels))
+    got = per_label.compute()
+    assert float(got[0]) == pytest.approx(_auroc_by_pairs([0.9, 0.4, 0.6, 0.1], [1, 0, 1, 0]))  # = 1.0
+    assert torch.isnan(got[1]) and torch.isnan(got[2])  # no positives; only positives once NaN is masked
+    mean = DefinedAUROC(3)
+    mean.update(probs, metric_targets(labels))
+    assert float(mean.compute()) == pytest.approx(1.0)  # the mean of the defined findings only

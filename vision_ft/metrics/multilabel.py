@@ -5,6 +5,7 @@ Labels are ``float`` ``(B, L)`` with ``NaN`` where a label is unknown, e.g. a Ch
 (:func:`masked_bce_with_logits`) and of every metric (:func:`metric_targets` turns them into
 torchmetrics' ``ignore_index``), so they count neither as positive nor as negative.
 
+:class:`DefinedAUROC` scores only the labels that have both positives and negatives.
 :class:`LabelThresholds` chooses one decision threshold per label on validation data, by
 Youden's J (sensitivity + specificity − 1, the ROC point farthest above the chance line),
 and keeps them as a buffer so they are saved with the task's heads and used at prediction.
@@ -12,10 +13,13 @@ and keeps them as a buffer so they are saved with the task's heads and used at p
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
+from torchmetrics.classification import MultilabelAUROC
 from torchmetrics.utilities.data import dim_zero_cat
 
 #: the target value torchmetrics skips (``ignore_index``) for masked labels
@@ -102,3 +106,31 @@ class LabelThresholds(nn.Module):
 
     def predict(self, probs: torch.Tensor) -> torch.Tensor:
         return (probs >= self.values.to(probs)).int()
+
+
+class DefinedAUROC(MultilabelAUROC):
+    """Multi-label AUROC that leaves out labels it cannot score.
+
+    A label whose (non-ignored) targets lack positives or negatives has no ROC curve;
+    torchmetrics scores it 0, which drags a mean down for nothing the model did. Here such a
+    label is NaN (``average=None``) and the macro mean (``average="macro"``) runs over the
+    defined labels only. With every label defined it equals :class:`MultilabelAUROC`.
+    """
+
+    def __init__(self, num_labels: int, average: str | None = "macro", **kwargs):
+        if average not in ("macro", None):
+            raise ValueError(f"average must be 'macro' or None, got {average!r}")
+        super().__init__(num_labels=num_labels, average=None, ignore_index=IGNORE, **kwargs)
+        self.mean = average == "macro"
+
+    def compute(self) -> torch.Tensor:
+        target = dim_zero_cat(self.target)
+        defined = ((target == 1).sum(0) > 0) & ((target == 0).sum(0) > 0)
+        if not bool(defined.any()):
+            per_label = torch.full((self.num_labels,), float("nan"), device=target.device)
+        else:
+            with warnings.catch_warnings():  # torchmetrics warns about the undefined labels it scores 0
+                warnings.simplefilter("ignore", UserWarning)
+                per_label = super().compute().float()
+            per_label = torch.where(defined, per_label, torch.full_like(per_label, float("nan")))
+        return torch.nanmean(per_label) if self.mean else per_label

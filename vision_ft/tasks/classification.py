@@ -14,13 +14,13 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy, MulticlassAUROC, MulticlassConfusionMatrix, MulticlassF1Score,
-    MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score,
+    MultilabelAccuracy, MultilabelF1Score,
 )
 
 from ..backbones import Backbone
 from ..export import update_metrics
 from ..methods import Method
-from ..metrics.multilabel import IGNORE, LabelThresholds, masked_bce_with_logits, metric_targets
+from ..metrics.multilabel import IGNORE, DefinedAUROC, LabelThresholds, masked_bce_with_logits, metric_targets
 from ..plots import plot_confusion_matrix, plot_per_label
 from .base import BaseTask, refuse_without_native_classifier
 
@@ -76,7 +76,7 @@ class ImageClassificationTask(BaseTask):
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
         if multilabel:  # labels may hold NaN = unknown (e.g. an uncertain finding under the ignore policy)
-            self.test_auroc_per_label = MultilabelAUROC(num_labels=self.num_classes, average=None, ignore_index=IGNORE)
+            self.test_auroc_per_label = DefinedAUROC(num_labels=self.num_classes, average=None)
             self.thresholds = LabelThresholds(self.num_classes)  # per label, chosen on validation (Youden's J)
             self.test_f1_at_thresholds = MultilabelF1Score(num_labels=self.num_classes, average="macro",
                                                            ignore_index=IGNORE)
@@ -88,7 +88,7 @@ class ImageClassificationTask(BaseTask):
         if self.multilabel:
             m = {"acc": MultilabelAccuracy(num_labels=k, ignore_index=IGNORE),
                  "f1": MultilabelF1Score(num_labels=k, average="macro", ignore_index=IGNORE),
-                 "auroc": MultilabelAUROC(num_labels=k, average="macro", ignore_index=IGNORE)}
+                 "auroc": DefinedAUROC(num_labels=k, average="macro")}
         else:
             m = {"acc": MulticlassAccuracy(num_classes=k, average="micro"),
                  "f1": MulticlassF1Score(num_classes=k, average="macro"),
@@ -238,7 +238,8 @@ class ImageClassificationTask(BaseTask):
         if (run_dir / "adapter.json").is_file():
             metrics = self.final_metrics("test/")
             if kind == "auroc":
-                metrics.update({f"test/auroc_{n}": round(float(v), 6) for n, v in zip(self.class_names, value)})
+                metrics.update({f"test/auroc_{n}": round(float(v), 6) for n, v in zip(self.class_names, value)
+                                if np.isfinite(v)})  # NaN: the test split lacks positives or negatives
                 metrics.update({f"val/threshold_{n}": round(float(t), 6)
                                 for n, t in zip(self.class_names, self.thresholds.values)})
             update_metrics(run_dir, metrics)
