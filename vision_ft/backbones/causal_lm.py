@@ -29,16 +29,11 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError, ConfigError, first_line
+from ._layers import missing_role, read_layout, weight_ref
 from .base import Backbone, WeightRef
 from .causal_lm_presets import TINY_LM_PRESETS, tiny_tokenizer
 
 _KEY = "backbone.init_args.checkpoint"
-# role -> candidate module names inside a decoder layer, first match wins
-_ATTN = {"q": ("self_attn.q_proj",), "k": ("self_attn.k_proj",), "v": ("self_attn.v_proj",),
-         "qkv": ("self_attn.qkv_proj", "self_attn.query_key_value", "self_attn.W_pack"),
-         "proj": ("self_attn.o_proj", "self_attn.dense")}
-_MLP = {"gate": ("mlp.gate_proj",), "fc1": ("mlp.up_proj", "mlp.fc1"), "gate_up": ("mlp.gate_up_proj",),
-        "fc2": ("mlp.down_proj", "mlp.fc2")}
 
 
 class CausalLM(Backbone):
@@ -190,15 +185,7 @@ class CausalLM(Backbone):
 
     # --- structure ------------------------------------------------------------------------------
     def _read_layout(self) -> dict[str, str]:
-        layers = self._layers_path()
-        first = self.model.get_submodule(f"{layers}.0")
-        have = {n for n, _ in first.named_modules()}
-        layout = {}
-        for role, names in {**_ATTN, **_MLP}.items():
-            found = next((n for n in names if n in have), None)
-            if found:
-                layout[role] = found
-        return layout
+        return read_layout(self.model.get_submodule(f"{self._layers_path()}.0"))
 
     def _layers_path(self) -> str:
         for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
@@ -230,42 +217,16 @@ class CausalLM(Backbone):
 
     def module_name(self, block: int, role: str) -> str:
         if role not in self._layout:
-            raise ConfigError(self._missing(role))
+            raise ConfigError(missing_role(type(self.model).__name__, self._layout, role))
         return f"{self._layers_path()}.{block}.{self._layout[role]}"
 
-    def _missing(self, role: str) -> str:
-        fused = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "fc1": "gate_up"}
-        split = {"qkv": "q k v", "gate_up": "gate fc1"}
-        hint = ""
-        if role in split and all(r in self._layout for r in split[role].split()):
-            hint = f": it has separate projections, target {split[role]}"
-        elif fused.get(role) in self._layout:
-            hint = f": it fuses them, target {fused[role]}"
-        return (f"{type(self.model).__name__} has no {role!r} projection{hint} (roles here: "
-                f"{' '.join(self._layout)})")
-
     def weight_ref(self, block: int, role: str) -> WeightRef:
-        if role in self._layout:
-            return WeightRef(self.module_name(block, role), bias="bias" if self._has_bias(block, role) else None)
         cfg = self.model.config
-        if role in ("q", "k", "v") and "qkv" in self._layout:  # rows of the fused projection
-            head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            q, kv = cfg.num_attention_heads * head, kv_heads * head
-            start, stop = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}[role]
-            return self._slice(block, "qkv", start, stop, role)
-        if role in ("gate", "fc1") and "gate_up" in self._layout:  # gate rows first, then up (Phi-3's chunk order)
-            inter = cfg.intermediate_size
-            start, stop = (0, inter) if role == "gate" else (inter, 2 * inter)
-            return self._slice(block, "gate_up", start, stop, role)
-        raise ConfigError(self._missing(role))
-
-    def _slice(self, block: int, fused: str, start: int, stop: int, key: str) -> WeightRef:
-        return WeightRef(self.module_name(block, fused), bias="bias" if self._has_bias(block, fused) else None,
-                         start=start, stop=stop, key=key)
-
-    def _has_bias(self, block: int, role: str) -> bool:
-        return getattr(self.model.get_submodule(self.module_name(block, role)), "bias", None) is not None
+        heads = cfg.num_attention_heads
+        return weight_ref(self.blocks[block], f"{self._layers_path()}.{block}", self._layout, role, heads=heads,
+                          kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                          head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+                          intermediate=getattr(cfg, "intermediate_size", None), model_name=type(self.model).__name__)
 
     def norms(self, block: int) -> dict[str, nn.Module]:
         b = self.blocks[block]

@@ -60,12 +60,14 @@ def assistant_spans(tokenizer: Any, messages: Messages, train_on: Literal["all",
 
 def tokenize_conversation(tokenizer: Any, messages: Messages, train_on: Literal["all", "last"] = "all"
                           ) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)``: labels are the ids inside the supervised spans, ``-100`` elsewhere."""
+    """``(input_ids, labels)``: labels are the ids of tokens overlapping the supervised spans, ``-100`` elsewhere."""
     text, spans = assistant_spans(tokenizer, messages, train_on)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        labels = [t if any(s <= start < e for s, e in spans) else IGNORE for t, (start, _) in zip(ids, offsets)]
+        # a token overlapping a reply is learned (a template whose prompt ends in a space merges it into the
+        # reply's first token)
+        labels = [t if any(b > s and a < e for s, e in spans) else IGNORE for t, (a, b) in zip(ids, offsets)]
         return list(ids), labels
     # slow tokenizers have no offsets: tokenise the pieces between span boundaries separately
     ids, labels, pos = [], [], 0

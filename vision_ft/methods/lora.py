@@ -38,8 +38,11 @@ class LoRA(Method):
         targets: roles to adapt, any of ``qkv q k v proj fc1 fc2 gate gate_up``; ``q``/``k``/``v`` need a
             backbone with separate projections (transformers models, the D-FINE detector), ``qkv``
             one with a fused projection (timm ViTs, Phi-3); ``gate`` the gate of a gated MLP (Llama,
-            Qwen2), ``gate_up`` a fused gate+up projection (Phi-3).
+            Qwen2), ``gate_up`` a fused gate+up projection (Phi-3). Default: the backbone's own default
+            targets (every projection of a language model; ``qkv`` on a ViT).
         blocks: indices of blocks to adapt (default: all).
+        towers: adapt only blocks of these towers (``visual``/``text`` of CLIP, ``vision``/``language`` of a
+            vision-language model); default: all, or the backbone's default towers when ``targets`` is unset.
     """
 
     name = "lora"
@@ -54,6 +57,7 @@ class LoRA(Method):
         dropout: float = 0.0,
         targets: list[str] | None = None,
         blocks: list[int] | None = None,
+        towers: list[str] | None = None,
     ) -> None:
         bad = [t for t in targets or [] if t not in _PEFT_ROLES]
         if bad:
@@ -64,6 +68,7 @@ class LoRA(Method):
             raise ConfigError("method.init_args.r must be >= 1")
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.targets, self.blocks = None if targets is None else list(targets), blocks
+        self.towers = None if towers is None else list(towers)
         self._tuner: LoraModel | None = None
 
     def roles(self, backbone: Backbone) -> list[str]:
@@ -74,6 +79,15 @@ class LoRA(Method):
 
     def target_names(self, backbone: Backbone) -> list[str]:
         blocks = range(backbone.num_blocks) if self.blocks is None else self.blocks
+        towers = self.towers
+        if towers is None and self.targets is None:  # the backbone's defaults: its targets in its towers
+            towers = getattr(backbone, "default_lora_towers", None)
+        if towers is not None:
+            unknown = sorted(set(towers) - set(backbone.tower_names()))
+            if unknown:
+                raise ConfigError(f"lora towers {unknown} unknown (method.init_args.towers); this backbone has "
+                                  f"{backbone.tower_names() or 'one tower'}")
+            blocks = [i for i in blocks if backbone.tower(i) in towers]
         names = []
         for i in blocks:
             for role in self.roles(backbone):
@@ -83,8 +97,9 @@ class LoRA(Method):
                                       f"({ref.param}) is read directly by {ref.reader}, so peft cannot adapt target "
                                       f"{role!r} (method.init_args.targets). Use clip_lora (or pego, snell) for it")
                 if ref.key:
-                    raise ConfigError(f"lora target {role!r} is a slice of this backbone's fused qkv projection "
-                                      "(method.init_args.targets); use 'qkv'")
+                    fused = "gate_up" if role in ("gate", "fc1") else "qkv"
+                    raise ConfigError(f"lora target {role!r} is a slice of this backbone's fused {fused} projection "
+                                      f"{ref.module} (method.init_args.targets); use {fused!r}")
                 if ref.module not in names:
                     names.append(ref.module)
         return names
