@@ -11,13 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_task
 from lightning.pytorch import Trainer
 from PIL import Image
 
-from conftest import make_task
-from vision_ft.data.medical.chest_xray import CHEXPERT_FINDINGS, NIH_FINDINGS, ChestXrayData, map_uncertain
+from vision_ft.data.medical.chest_xray import (
+    CHEXPERT_FINDINGS,
+    NIH_FINDINGS,
+    ChestXrayData,
+    map_uncertain,
+)
 from vision_ft.errors import ConfigError, DataError
-from vision_ft.metrics.multilabel import masked_bce_with_logits, metric_targets, youden_thresholds
+from vision_ft.metrics.multilabel import (
+    masked_bce_with_logits,
+    metric_targets,
+    youden_thresholds,
+)
 
 NAN = float("nan")
 

@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("pydicom")
 
-from domains.medical.dicom_sample import write_dicom, write_dicom_sample  # noqa: E402
-from vision_ft.data.medical import DicomManifestData, linear_window, resolve_window  # noqa: E402
-from vision_ft.data.medical.dicom import decode_modality, open_source, read_frame  # noqa: E402
-from vision_ft.errors import ConfigError, DataError  # noqa: E402
+from domains.medical.dicom_sample import write_dicom, write_dicom_sample
+from vision_ft.data.medical import DicomManifestData, linear_window, resolve_window
+from vision_ft.data.medical.dicom import decode_modality, open_source, read_frame
+from vision_ft.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "backbones" / "vit_test_tiny.yaml")
@@ -220,3 +220,37 @@ def test_sample_is_valid_dicom_with_realistic_hu(tmp_path):
     source = open_source(root / Path(rows[0]["path"]).parent)
     assert source.n_frames == 8  # a valid series folder: one modality, even 5 mm spacing
     shutil.rmtree(root)
+
+
+def test_voi_lut_table_from_the_file(tmp_path):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4, 0, 8])  # LUT Descriptor: 4 entries for inputs 0..3, 8-bit output
+    item.add_new(0x00283006, "US", [0, 100, 200, 255])  # LUT Data
+    stored = np.array([[0, 1, 2, 3, 10]])
+    path = write_dicom(tmp_path / "lut.dcm", stored, modality="DX", slope=1.0, intercept=0.0,
+                       extra={"VOILUTSequence": [item]})
+    got = read_frame(open_source(path), 0, "file")
+    assert got[0].tolist() == pytest.approx([0, 100 / 255, 200 / 255, 1, 1])  # beyond the table: its last entry
+
+
+def test_rescale_from_shared_and_per_frame_functional_groups(tmp_path):
+    from pydicom.dataset import Dataset
+
+    def group(slope, intercept):
+        transform = Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = slope, intercept, "HU"
+        g = Dataset()
+        g.PixelValueTransformationSequence = [transform]
+        return g
+
+    stored = np.stack([np.full((2, 2), 100), np.full((2, 2), 200)])
+    shared = write_dicom(tmp_path / "shared.dcm", stored, slope=None,
+                         extra={"SharedFunctionalGroupsSequence": [group(2.0, -100.0)]})
+    hu, _ = decode_modality(shared)
+    assert hu[:, 0, 0].tolist() == [100.0, 300.0]  # 2 * stored - 100
+    per_frame = write_dicom(tmp_path / "per_frame.dcm", stored, slope=None,
+                            extra={"PerFrameFunctionalGroupsSequence": [group(1.0, -1024.0), group(0.5, 0.0)]})
+    hu, _ = decode_modality(per_frame)
+    assert hu[:, 0, 0].tolist() == [-924.0, 100.0]

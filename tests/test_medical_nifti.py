@@ -10,12 +10,17 @@ import pytest
 
 nib = pytest.importorskip("nibabel")
 
-from domains.medical.nifti_sample import abdomen_volume, write_nifti_sample  # noqa: E402
-from vision_ft.data.medical import NiftiSliceData  # noqa: E402
-from vision_ft.data.medical.nifti import (  # noqa: E402
-    load_canonical, plane_slice, slice_indices, slice_labels, slice_stack, windowed_volume,
+from domains.medical.nifti_sample import abdomen_volume, write_nifti_sample
+from vision_ft.data.medical import NiftiSliceData
+from vision_ft.data.medical.nifti import (
+    load_canonical,
+    plane_slice,
+    slice_indices,
+    slice_labels,
+    slice_stack,
+    windowed_volume,
 )
-from vision_ft.errors import ConfigError, DataError  # noqa: E402
+from vision_ft.errors import ConfigError, DataError
 
 RAS = np.diag([2.0, 3.0, 4.0, 1.0])
 

@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from vision_ft.data.medical import check_no_leakage, draw_patient_split, read_split_file, resolve_patient_split
+from vision_ft.data.medical import (
+    check_no_leakage,
+    draw_patient_split,
+    read_split_file,
+    resolve_patient_split,
+)
 from vision_ft.data.medical.patients import patient_strata
 from vision_ft.errors import ConfigError, DataError
 
@@ -114,3 +119,24 @@ def test_datamodule_never_puts_a_patient_in_two_splits(tmp_path):
     again = DicomManifestData(str(root / "manifest.csv"), image_size=8, split_file=str(dm.patient_split_file))
     with pytest.raises(DataError, match="patient_split.json: patient 'SYN.*' is in both train and test"):
         again.setup()
+
+
+def test_leaking_split_file_stops_the_main_job_with_the_file_named(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    from pathlib import Path
+
+    from vision_ft.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    patients = [f"SYN{i:04d}" for i in range(30)]
+    split = tmp_path / "hand_written_split.json"
+    split.write_text(json.dumps({"splits": {"train": patients[:22], "val": patients[22:26],
+                                            "test": patients[26:] + ["SYN0005"]}}))
+    code = main(["fit", "--config", str(root / "domains" / "medical_dicom.yaml"),
+                 "--config", str(root / "configs" / "backbones" / "vit_test_tiny.yaml"),
+                 f"--data.init_args.sample_dir={tmp_path / 'sample'}", f"--data.init_args.split_file={split}",
+                 f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.fast_dev_run=true"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "hand_written_split.json: patient 'SYN0005' is in both train and test" in err
+    assert "Traceback" not in err

@@ -55,7 +55,7 @@ def write_dicom(path: str | Path, stored: np.ndarray, *, modality: str = "CT", p
     raw): for tests of the decoder check. Returns ``path``; the write is atomic.
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UID
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     stored = np.asarray(stored)
     frames = stored.shape[0] if stored.ndim == 3 else 1

@@ -8,24 +8,29 @@ from .chest_xray import CHEXPERT_FINDINGS, NIH_FINDINGS, ChestXrayData, map_unce
 from .dicom_data import DicomManifestData, DicomSamples
 from .nifti_data import NiftiSliceData, NiftiSlices
 from .patient_data import PatientSplitData
-from .patients import check_no_leakage, draw_patient_split, read_split_file, resolve_patient_split
+from .patients import (
+    check_no_leakage,
+    draw_patient_split,
+    read_split_file,
+    resolve_patient_split,
+)
 from .windowing import WINDOW_PRESETS, apply_window, linear_window, resolve_window
 
 __all__ = [
     "CHEXPERT_FINDINGS",
-    "ChestXrayData",
     "NIH_FINDINGS",
-    "map_uncertain",
+    "WINDOW_PRESETS",
+    "ChestXrayData",
     "DicomManifestData",
     "DicomSamples",
     "NiftiSliceData",
     "NiftiSlices",
     "PatientSplitData",
-    "WINDOW_PRESETS",
     "apply_window",
     "check_no_leakage",
     "draw_patient_split",
     "linear_window",
+    "map_uncertain",
     "read_split_file",
     "resolve_patient_split",
     "resolve_window",

@@ -21,9 +21,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -69,7 +69,7 @@ def read_header(path: Path):
         return pydicom.dcmread(str(path), stop_before_pixels=True)
     except FileNotFoundError as e:
         raise DataError(f"{path}: file does not exist") from e
-    except Exception as e:  # noqa: BLE001 - pydicom raises several types for a non-DICOM file
+    except Exception as e:
         raise DataError(f"{path}: not a readable DICOM file ({type(e).__name__})") from e
 
 
@@ -113,7 +113,7 @@ def decode_modality(path: Path) -> tuple[np.ndarray, object]:
         ds = pydicom.dcmread(str(path))
     except FileNotFoundError as e:
         raise DataError(f"{path}: file does not exist") from e
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"{path}: not a readable DICOM file ({type(e).__name__})") from e
     if not any(k in ds for k in PIXEL_KEYWORDS):
         raise DataError(f"{path}: the DICOM file has no pixel data (a report, a presentation state or a "
@@ -121,7 +121,7 @@ def decode_modality(path: Path) -> tuple[np.ndarray, object]:
     _check_decoder(ds, path)
     try:
         arr = ds.pixel_array
-    except Exception as e:  # noqa: BLE001 - decoding failures come in many types
+    except Exception as e:
         raise DataError(f"{path}: pixel data cannot be decoded ({type(e).__name__}: {str(e)[:120]})") from e
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     colour = int(getattr(ds, "SamplesPerPixel", 1)) > 1

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
 from ...errors import ConfigError, DataError
 from ..labelled_images import Samples
-from .dicom import DicomSource, check_metadata_fields, open_source, pick_frames, read_frame, read_record
+from .dicom import (
+    DicomSource,
+    check_metadata_fields,
+    open_source,
+    pick_frames,
+    read_frame,
+    read_record,
+)
 from .patient_data import PatientSplitData, class_labels, read_csv_rows
 from .windowing import check_percentiles, resolve_window
 
@@ -60,7 +68,7 @@ class DicomSamples(Samples):
                 bad[i] = str(e)
         return bad
 
-    def subset(self, positions: Sequence[int]) -> "DicomSamples":
+    def subset(self, positions: Sequence[int]) -> DicomSamples:
         positions = list(positions)
         return DicomSamples(self.root, self.sources, [self.items[p] for p in positions], self.labels[positions],
                             [self.records[p] for p in positions], self.window, self.percentiles)

@@ -17,9 +17,9 @@ at least ``min_voxels`` of its voxels carry one of the positive label values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def _load(path: Path):
         raise DataError(f"{path}: file does not exist")
     try:
         return nib.load(str(path))
-    except Exception as e:  # noqa: BLE001 - nibabel raises several types for a bad file
+    except Exception as e:
         raise DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {str(e)[:120]})") from e
 
 
@@ -69,7 +69,7 @@ def load_canonical(path: Path) -> np.ndarray:
     img = _load(path)
     try:
         data = np.asarray(nib.as_closest_canonical(img).get_fdata(dtype=np.float32))
-    except Exception as e:  # noqa: BLE001 - truncated or corrupt data blocks
+    except Exception as e:
         raise DataError(f"{path}: voxel data cannot be read ({type(e).__name__}: {str(e)[:120]})") from e
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

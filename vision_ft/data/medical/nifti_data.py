@@ -6,14 +6,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
 from ...errors import ConfigError, DataError
 from ..labelled_images import Samples
-from .nifti import PLANE_AXIS, canonical_shape, load_canonical, slice_indices, slice_labels, slice_stack, windowed_volume
+from .nifti import (
+    PLANE_AXIS,
+    canonical_shape,
+    load_canonical,
+    slice_indices,
+    slice_labels,
+    slice_stack,
+    windowed_volume,
+)
 from .patient_data import PatientSplitData, class_labels, read_csv_rows
 from .windowing import check_percentiles, resolve_window
 
@@ -58,7 +67,7 @@ class NiftiSlices(Samples):
                 reasons[v] = str(e)
         return {i: reasons[v] for i, (v, _) in enumerate(self.items) if reasons[v] is not None}
 
-    def subset(self, positions: Sequence[int]) -> "NiftiSlices":
+    def subset(self, positions: Sequence[int]) -> NiftiSlices:
         positions = list(positions)
         return NiftiSlices(self.root, self.volumes, [self.items[p] for p in positions], self.labels[positions],
                            self.plane, self.context, self.window, self.percentiles)

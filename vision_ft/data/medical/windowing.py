@@ -22,7 +22,7 @@ which is what a PACS viewer shows for the same centre and width.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,8 +38,6 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 
 #: windows that are not numbers
 NAMED_MODES = ("file", "minmax", "percentile")
-
-WindowSpec = Union[str, Sequence[float], None]
 
 
 def resolve_window(window: WindowSpec, key: str = "data.init_args.window",
