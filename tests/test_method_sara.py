@@ -14,7 +14,7 @@ from vision_ft.methods.sara import NuclearNorm
 TAU = 2e-2  # the tiny random UNet's weights are wider than SD's: a larger tau masks a similar share
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base():
     from vision_ft.backbones import StableDiffusion
 

@@ -15,7 +15,7 @@ from vision_ft.errors import BackboneError, ConfigError
 PROMPT = "a histology patch showing fibrosis"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base():
     from vision_ft.backbones import StableDiffusion
 

@@ -196,7 +196,7 @@ class CaptionedImageData(SplitLoaders, L.LightningDataModule):
             raise DataError(f"no captioned images in {self.root} (expected images with {METADATA} or .txt captions)")
         val = self._read("val")
         if val is None:
-            n_val = max(1, int(round(len(train) * self.val_fraction)))
+            n_val = max(1, round(len(train) * self.val_fraction))
             if len(train) - n_val < 1:
                 raise DataError(f"cannot hold out a validation split from {len(train)} image(s); add a val/ folder")
             order = np.random.default_rng(self.seed).permutation(len(train))

@@ -35,8 +35,14 @@ from ..backbones import Backbone
 from ..errors import ConfigError
 from ..methods import Method
 from .base import BaseTask
-from .diffusion import fixed_noise, min_snr_weights, resolve_prediction_type, training_target, validation_timesteps
-from .diffusion import write_grid
+from .diffusion import (
+    fixed_noise,
+    min_snr_weights,
+    resolve_prediction_type,
+    training_target,
+    validation_timesteps,
+    write_grid,
+)
 
 log = logging.getLogger("vision_ft")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -250,7 +256,7 @@ class TextToImageTask(BaseTask):
             out = pipe([p for p, _ in pairs], num_inference_steps=self.sample_steps, guidance_scale=self.guidance_scale,
                        generator=gens, height=size, width=size, output_type="np",
                        latents=torch.stack([torch.randn(4, size // self.backbone.vae_factor, size // self.backbone.vae_factor,
-                                                        generator=g) for g in gens]).to(device))
+                                                        generator=g) for g in gens]).to(device, self.backbone.model.dtype))
         finally:
             self.backbone.model.train(was_training)
         return np.asarray(out.images, dtype=np.float32)
