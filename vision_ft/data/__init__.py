@@ -21,6 +21,7 @@ from .few_shot import FewShotSplit, sample_indices
 from .folder import CSVManifestData, ImageFolderData
 from .mcq import MCQItem, read_mcq
 from .text_sft import InstructionData
+from .vl_sft import ConversationData
 from .labelled_images import ArraySamples, FileSamples, ImageDataset, Samples, to_tensor
 from .npz import MedMNISTData, npz_headers
 from .ood import OODData, OODTestSet, list_images, write_ood_sample
@@ -50,6 +51,7 @@ __all__ = [
     "FewShotSplit",
     "FileSamples",
     "ImageDataset",
+    "ConversationData",
     "ImageFolderData",
     "InstructionData",
     "MCQItem",

@@ -8,6 +8,7 @@ from .clip_ood import CLIPOODTask
 from .detection import DetectionTask
 from .text_to_image import TextToImageTask
 from .video import VideoPhaseTask
+from .vlm import VisionLanguageSFTTask
 
 __all__ = ["BaseTask", "CausalLMSFTTask", "CLIPClassificationTask", "CLIPOODTask", "DetectionTask", "ImageClassificationTask",
-           "TextToImageTask", "VideoPhaseTask"]
+           "TextToImageTask", "VideoPhaseTask", "VisionLanguageSFTTask"]

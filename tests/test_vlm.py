@@ -1,0 +1,211 @@
+"""Vision-language models: presets of every family, label masks, bad input, parts trained in full, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vision_ft.backbones import VisionLanguageModel
+from vision_ft.data.chat import IGNORE
+from vision_ft.data.conversations import collate_vl, encode, parse_record, read_records
+from vision_ft.errors import ConfigError, DataError
+
+FAMILIES = ["qwen2_vl_test_tiny", "qwen2_5_vl_test_tiny", "qwen3_vl_test_tiny", "llava_test_tiny"]
+END = {"llava_test_tiny": "<|im_end|>\n"}
+RECORD = {"images": ["a.png", "b.png"], "conversations": [
+    {"from": "system", "value": "Be brief."},
+    {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A polyp."},
+    {"from": "human", "value": "And <image> this one?"}, {"from": "gpt", "value": "Normal mucosa."}]}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((90, 120, 3)) * 255).astype("uint8")).save(root / "a.png")
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(root / "b.png")
+    Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(root / "tiny.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, VisionLanguageModel]:
+    return {name: VisionLanguageModel(name) for name in FAMILIES}
+
+
+def _runs(tok, ids, labels) -> list[str]:
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != IGNORE:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_supervised_tokens_are_the_replies_and_image_tokens_match(models, images, name):
+    vlm = models[name]
+    sample = encode(vlm.processor, parse_record(RECORD, "f.jsonl:1", images))
+    runs = _runs(vlm.tokenizer, sample["input_ids"].tolist(), sample["labels"].tolist())
+    # every supervised run is one reply and its end-of-turn (LLaVA's "ASSISTANT: " space merges into the reply)
+    assert [r.lstrip(" ") for r in runs] == ["A polyp.<|im_end|>\n", "Normal mucosa.<|im_end|>\n"]
+    image_id = vlm.tokenizer.convert_tokens_to_ids(vlm.processor.image_token)
+    assert not (sample["labels"] == image_id).any()  # image tokens are never learned
+    last = encode(vlm.processor, parse_record(RECORD, "f.jsonl:1", images), train_on="last")
+    assert [r.lstrip(" ") for r in _runs(vlm.tokenizer, last["input_ids"].tolist(), last["labels"].tolist())] == \
+        ["Normal mucosa.<|im_end|>\n"]
+    batch = collate_vl([sample, last], vlm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = vlm(**{k: v for k, v in batch.items() if k != "labels"})
+    assert logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_qwen_batches_need_mm_token_type_ids(models, images):
+    vlm = models["qwen2_5_vl_test_tiny"]
+    sample = encode(vlm.processor, parse_record(RECORD, "f.jsonl:1", images))
+    batch = collate_vl([sample], vlm.tokenizer.pad_token_id)
+    del batch["mm_token_type_ids"], batch["labels"]
+    with pytest.raises(ConfigError, match="mm_token_type_ids"):
+        vlm(**batch)
+
+
+def test_parts_towers_and_roles(models):
+    q, llava = models["qwen2_5_vl_test_tiny"], models["llava_test_tiny"]
+    assert q.part_of("model.visual.merger.mlp.0.weight") == "projector"
+    assert q.part_of("model.visual.blocks.0.attn.qkv.weight") == "vision_tower"
+    assert q.part_of("lm_head.weight") == "language_model"
+    assert llava.part_of("model.multi_modal_projector.linear_1.weight") == "projector"
+    v = q.tower_blocks("vision")[0]
+    assert q.weight_ref(v, "k").key == "k" and q.weight_ref(v, "k").module.endswith("attn.qkv")
+    assert llava.weight_ref(llava.tower_blocks("vision")[0], "k").module.endswith("self_attn.k_proj")
+    from vision_ft.methods import build_method
+
+    names = build_method("lora").target_names(q)
+    assert names and all(n.startswith("model.language_model.") for n in names)  # LLM only by default
+    vision = build_method({"class_path": "vision_ft.methods.LoRA",
+                           "init_args": {"targets": ["qkv", "fc2"], "towers": ["vision"]}}).target_names(q)
+    assert vision and all(n.startswith("model.visual.blocks.") for n in vision)
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"images": ["a.png"], "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+     "0 <image> tag\\(s\\) but 1 image"),
+    ({"conversations": [{"from": "robot", "value": "hi"}]}, "unknown speaker 'robot'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+     "turn 1 is an empty assistant turn"),
+    ({"images": ["missing.png"], "conversations": [{"from": "human", "value": "<image>"},
+                                                    {"from": "gpt", "value": "x"}]}, "missing.png not found"),
+])
+def test_bad_records_name_file_and_line(images, tmp_path, record, message):
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n{broken\n")
+    with pytest.raises(DataError, match=f"c.jsonl:2: .*{message}"):
+        read_records(f, images)
+    convs, skipped = read_records(f, images, on_bad="skip")
+    assert len(convs) == 1 and len(skipped) == 2 and "c.jsonl:3: not valid JSON" in skipped[1]
+
+
+def test_image_smaller_than_a_patch_is_refused(models, images):
+    rec = {"images": ["tiny.png"], "conversations": [{"from": "human", "value": "<image>"},
+                                                      {"from": "gpt", "value": "x"}]}
+    with pytest.raises(DataError, match="smaller than one patch"):
+        encode(models["qwen2_vl_test_tiny"].processor, parse_record(rec, "f:1", images))
+
+
+def _write_data(root: Path, n: int = 12) -> Path:
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(n):
+        colour = ["red", "green", "blue"][i % 3]
+        arr = np.zeros((64, 64, 3), dtype=np.uint8)
+        arr[..., i % 3] = 200 + rng.integers(0, 50)
+        Image.fromarray(arr).save(root / f"img{i}.png")
+        records.append({"image": f"img{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhich colour?"}, {"from": "gpt", "value": colour}]})
+    if n > 2:
+        records.append({"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_train_with_a_part_in_full_and_export_loads_in_transformers_alone(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vision_ft.data import ConversationData
+    from vision_ft.export import export_merged
+    from vision_ft.tasks import VisionLanguageSFTTask
+
+    L.seed_everything(0)
+    data_path = _write_data(tmp_path)
+    task = VisionLanguageSFTTask(VisionLanguageModel("qwen2_5_vl_test_tiny"), method="lora", train_full=["projector"],
+                                 part_lr={"projector": 1e-3}, lr=5e-3, max_new_tokens=6)
+    groups = {g["name"]: g["lr"] for g in task.param_groups()}
+    assert groups["projector"] == 1e-3 and groups["language_model"] == 5e-3
+    before = {n: p.detach().clone() for n, p in task.backbone.model.named_parameters()}
+    data = ConversationData(train=str(data_path), batch_size=4, val_fraction=0.2)
+    trainer = L.Trainer(max_steps=3, logger=L.pytorch.loggers.CSVLogger(str(tmp_path), name="run"),
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(task, datamodule=data)
+    trainer.test(task, datamodule=data, verbose=False)
+    run = task.run_dir
+    changed = {n for n, p in task.backbone.model.named_parameters()
+               if not task.method.is_own(n) and not torch.equal(p, before[n])}
+    assert changed and all(task.backbone.part_of(n) == "projector" for n in changed)  # frozen parts untouched
+    meta = json.loads((run / "adapter.json").read_text())
+    assert meta["trainable_report"]["projector"]["trainable"] == meta["trainable_report"]["projector"]["total"]
+    assert "test/exact_match" in meta["metrics"]
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    assert preds and {"prompt", "reference", "answer"} <= set(preds[0])
+
+    conv = data.splits["test"][0]
+    task.eval()
+    inputs, _ = task.prompt_inputs(conv)
+    with torch.no_grad():
+        want = task.backbone.model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True,
+                                            pad_token_id=task.backbone.tokenizer.pad_token_id)
+    out = export_merged(run, tmp_path / "merged")
+    model = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+    assert processor.tokenizer.chat_template == task.backbone.tokenizer.chat_template
+    again = {k: v for k, v in processor(text=[task.backbone.tokenizer.apply_chat_template(
+        conv.messages[:1], tokenize=False, add_generation_prompt=True)], images=[Image.open(conv.images[0])],
+        return_tensors="pt").items()}
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        got = model.generate(**again, max_new_tokens=8, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert torch.equal(got, want)  # the exported model (projector trained in full + merged LoRA) decodes the same
+    merger = dict(model.named_parameters())["model.visual.merger.mlp.0.weight"]
+    assert torch.equal(merger, dict(task.backbone.model.named_parameters())["model.visual.merger.mlp.0.weight"])
+
+
+def test_vision_lora_gets_gradients_with_checkpointing_and_a_frozen_tower(images):
+    from vision_ft.methods import build_method
+
+    vlm = VisionLanguageModel("qwen2_vl_test_tiny", gradient_checkpointing=True)
+    method = build_method({"class_path": "vision_ft.methods.LoRA",
+                           "init_args": {"targets": ["qkv"], "towers": ["vision"], "r": 2}})
+    method.apply(vlm)
+    for n, p in vlm.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    vlm.train()
+    sample = encode(vlm.processor, parse_record(RECORD, "f:1", images))
+    batch = collate_vl([sample], vlm.tokenizer.pad_token_id)
+    from vision_ft.data.chat import shifted_loss
+
+    shifted_loss(vlm(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])[0].backward()
+    grads = [p.grad for n, p in vlm.model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

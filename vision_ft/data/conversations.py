@@ -1,0 +1,247 @@
+"""Image conversations for vision-language fine-tuning: reading, label masks in token space, collation.
+
+Layouts (JSON list or JSONL, one conversation per record; image paths relative to ``image_root``):
+
+- LLaVA: ``{"image": "a.png"`` or ``"images": [...], "conversations": [{"from": "human"|"gpt"|"system",
+  "value": "<image>\\nWhat is shown?"}, ...]}``;
+- messages: ``{"messages": [{"role": "user"|"assistant"|"system", "content": "<image>\\n..."}], "images": [...]}``.
+
+Each ``<image>`` tag becomes an image part of its turn (the number of tags must equal the number of images;
+text-only records have neither). Label masks: the text is the chat template's, rendered once; for each
+supervised assistant turn the template is rendered up to that turn (with the generation prompt) and
+through it, as for text models, and the spans are mapped to token positions by expanding every image
+placeholder by the number of tokens the processor gave that image (read from the processor's own
+``input_ids``: the runs of the image token). The kit checks that its expansion tokenises to exactly the
+processor's ids, so a mask can never be off by an image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .chat import IGNORE, render
+
+log = logging.getLogger("vision_ft")
+
+IMAGE_TAG = "<image>"
+_FROM = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Conversation:
+    """One record: chat messages whose content is a list of ``{"type": "text"|"image"}`` parts, and its images."""
+
+    messages: list[dict[str, Any]]
+    images: list[Path] = field(default_factory=list)
+    source: str = ""
+
+
+def _parts(text: str, where: str, j: int) -> list[dict[str, Any]]:
+    pieces = text.split(IMAGE_TAG)
+    parts: list[dict[str, Any]] = []
+    for k, piece in enumerate(pieces):
+        if k:
+            parts.append({"type": "image"})
+        piece = piece.lstrip("\n") if k else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def parse_record(record: Any, where: str, image_root: Path) -> Conversation:
+    """A record of either layout as a :class:`Conversation`; ``where`` (``file:line``) is in every error."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record is a JSON object, got {type(record).__name__}")
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: 'conversations' must be a non-empty list")
+        raw = []
+        for j, t in enumerate(turns):
+            if not isinstance(t, dict) or "from" not in t or "value" not in t:
+                raise DataError(f"{where}: conversations[{j}] needs 'from' and 'value'")
+            if t["from"] not in _FROM:
+                raise DataError(f"{where}: conversations[{j}] has unknown speaker {t['from']!r} "
+                                "(human, gpt, system)")
+            raw.append((_FROM[t["from"]], t["value"]))
+        images = record.get("images", record.get("image", []))
+    elif "messages" in record:
+        turns = record["messages"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        raw = []
+        for j, m in enumerate(turns):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: messages[{j}] needs 'role' and 'content'")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise DataError(f"{where}: messages[{j}] has unknown role {m['role']!r} (system, user, assistant)")
+            raw.append((m["role"], m["content"]))
+        images = record.get("images", [])
+    else:
+        raise DataError(f"{where}: a record needs 'conversations' (LLaVA layout) or 'messages'")
+    if "video" in record or "videos" in record:
+        raise DataError(f"{where}: video records are not supported yet (images only)")
+    images = [images] if isinstance(images, str) else list(images or [])
+    messages = []
+    for j, (role, content) in enumerate(raw):
+        if not isinstance(content, str):
+            raise DataError(f"{where}: turn {j} content must be text (with <image> tags)")
+        if role == "assistant" and not content.strip():
+            raise DataError(f"{where}: turn {j} is an empty assistant turn")
+        if role == "assistant" and IMAGE_TAG in content:
+            raise DataError(f"{where}: turn {j}: images go in user turns, not assistant replies")
+        messages.append({"role": role, "content": _parts(content, where, j)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn to learn from")
+    tags = sum(p["type"] == "image" for m in messages for p in m["content"])
+    if tags != len(images):
+        raise DataError(f"{where}: {tags} <image> tag(s) but {len(images)} image(s)")
+    return Conversation(messages, [image_root / str(p) for p in images], where)
+
+
+def read_records(path: str | Path, image_root: str | Path | None = None, on_bad: Literal["error", "skip"] = "error"
+                 ) -> tuple[list[Conversation], list[str]]:
+    """Every record of a ``.json`` list or ``.jsonl`` file, and the errors of skipped ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    root = Path(image_root) if image_root else path.parent
+    text = path.read_text(encoding="utf-8")
+    entries: list[tuple[str, Any]] = []
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json conversation file holds a list of records (or use .jsonl)")
+        entries = [(f"{path}:{i + 1}", r) for i, r in enumerate(data)]
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    entries.append((f"{path}:{n}", DataError(f"{path}:{n}: not valid JSON ({e.msg})")))
+    good, skipped = [], []
+    for where, record in entries:
+        try:
+            if isinstance(record, DataError):
+                raise record
+            conv = parse_record(record, where, root)
+            for img in conv.images:
+                if not img.is_file():
+                    raise DataError(f"{where}: image {img} not found (data.init_args.image_root)")
+            good.append(conv)
+        except DataError as e:
+            if on_bad == "error":
+                raise
+            skipped.append(str(e))
+    if skipped:
+        log.warning("[vision_ft] %s: %d record(s) skipped, first: %s", path, len(skipped), skipped[0])
+    if not good:
+        raise DataError(f"{path}: no usable records")
+    return good, skipped
+
+
+def load_images(conv: Conversation, min_side: int = 14) -> list[Any]:
+    from PIL import Image
+
+    out = []
+    for p in conv.images:
+        try:
+            with Image.open(p) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # truncated or not an image
+            raise DataError(f"{conv.source}: cannot read image {p} ({type(e).__name__}: {e})") from None
+        if min(img.size) < min_side:
+            raise DataError(f"{conv.source}: image {p} is {img.size[0]}x{img.size[1]}, smaller than one patch "
+                            f"({min_side} px)")
+        out.append(img)
+    return out
+
+
+def _image_runs(ids: list[int], image_id: int) -> list[int]:
+    """Lengths of the runs of the image token, in order: the number of tokens of each image."""
+    runs, n = [], 0
+    for t in ids:
+        if t == image_id:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    if n:
+        runs.append(n)
+    return runs
+
+
+def encode(processor: Any, conv: Conversation, train_on: Literal["all", "last"] = "all") -> dict[str, Any]:
+    """Processor inputs for one conversation plus ``labels`` (ids inside supervised replies, ``-100`` elsewhere)."""
+    tok = processor.tokenizer
+    images = load_images(conv)
+    full = render(tok, conv.messages)
+    enc = processor(text=[full], images=images or None, return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    image_token = getattr(processor, "image_token", IMAGE_TAG)
+    image_id = tok.convert_tokens_to_ids(image_token)
+    runs = _image_runs(ids, image_id)
+    placeholders = full.count(image_token)
+    if len(runs) != len(images) or placeholders != len(images):
+        raise DataError(f"{conv.source}: the processor gave {len(runs)} image token runs for {len(images)} image(s); "
+                        "image features and image tokens would not match")
+
+    def expand(text: str) -> str:
+        pieces = text.split(image_token)
+        out = pieces[0]
+        for k, piece in enumerate(pieces[1:]):
+            out += image_token * runs[k] + piece
+        return out
+
+    expanded = expand(full)
+    mine = tok(expanded, add_special_tokens=False, return_offsets_mapping=True)
+    if mine["input_ids"] != ids:
+        raise ConfigError(f"{conv.source}: the processor's token ids differ from the chat text's (does the processor "
+                          "add special tokens or rewrite the text?); label masks cannot be placed safely")
+    offsets = mine["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    turns = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
+    for i in turns[-1:] if train_on == "last" else turns:
+        before = render(tok, conv.messages[:i], add_generation_prompt=True)
+        through = render(tok, conv.messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ConfigError("the chat template does not render a conversation's first turns as a prefix of the "
+                              "whole text, so reply masks cannot be built from it; set backbone.init_args.chat_template")
+        s, e = len(expand(before)), len(expand(through))
+        for j, (a, b) in enumerate(offsets):  # a token overlapping the reply (" A" after "ASSISTANT:") is learned
+            if b > s and a < e:
+                labels[j] = ids[j]
+    out = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids") else v
+           for k, v in enc.items()}
+    out["labels"] = torch.tensor(labels)
+    return out
+
+
+def collate_vl(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded batch: token tensors padded (labels with ``-100``), pixel tensors concatenated in order."""
+    width = max(len(s["input_ids"]) for s in samples)
+    batch: dict[str, Any] = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE), ("mm_token_type_ids", 0),
+                      ("token_type_ids", 0)):
+        if key not in samples[0]:
+            continue
+        t = torch.full((len(samples), width), fill, dtype=samples[0][key].dtype)
+        for i, s in enumerate(samples):
+            t[i, : len(s[key])] = s[key]
+        batch[key] = t
+    for key in ("pixel_values", "image_grid_thw", "image_sizes"):
+        parts = [s[key] for s in samples if key in s]
+        if parts:
+            batch[key] = torch.cat(parts, dim=0)
+    return batch

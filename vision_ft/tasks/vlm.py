@@ -1,0 +1,223 @@
+"""Vision-language supervised fine-tuning (LLaVA, Qwen-VL): loss on assistant replies, generation at test time.
+
+What trains: the method's tensors (``lora`` on the language model by default; the kit's site-based methods
+on either tower with ``towers``) plus the parts listed in ``train_full`` (``vision_tower``, ``projector``,
+``language_model``), each part with its own learning rate (``part_lr``). Parts trained in full are saved with
+the adapter and checkpoints and written by the merged export, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ..backbones import Backbone
+from ..data.chat import IGNORE, render, shifted_loss
+from ..data.conversations import Conversation, load_images
+from ..errors import AdapterError, ConfigError
+from ..export import update_metrics
+from ..io import atomic_write_text
+from ..methods import Method
+from .base import BaseTask
+from .trained_parts import TrainedPartsMixin
+
+PARTS = ("vision_tower", "projector", "language_model")
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, punctuation and articles removed, spaces collapsed (the VQA answer normalisation)."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
+    """A vision-language model + PEFT method trained on image conversations.
+
+    Args:
+        train_full: parts trained in full besides the method (``vision_tower``, ``projector``,
+            ``language_model``); the rest stays frozen.
+        part_lr: learning rate per part (default ``lr``); the method's tensors take the rate of the part
+            they sit in.
+        max_new_tokens: generation length at test / predict time (greedy).
+        (see :class:`BaseTask` for backbone, method and optimiser arguments)
+    """
+
+    task_name = "vision_language_sft"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: Method | str = "lora",
+        train_full: list[str] | None = None,
+        part_lr: dict[str, float] | None = None,
+        max_new_tokens: int = 64,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        head_lr: float | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        warmup_fraction: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        ema_decay: float = 0.0,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+    ) -> None:
+        if not hasattr(backbone, "processor") or not hasattr(backbone, "part_of"):
+            raise ConfigError(f"{type(self).__name__} needs a vision-language model "
+                              "(model.init_args.backbone: vision_ft.backbones.VisionLanguageModel)")
+        train_full, part_lr = list(train_full or []), dict(part_lr or {})
+        bad = sorted(set(train_full) - set(PARTS)) + sorted(set(part_lr) - set(PARTS))
+        if bad:
+            raise ConfigError(f"unknown part(s) {bad} (model.init_args.train_full / part_lr); parts: {list(PARTS)}")
+        super().__init__(backbone, method, lr=lr, weight_decay=weight_decay, head_lr=head_lr, optimizer=optimizer,
+                         warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio, ema_decay=ema_decay,
+                         on_nonfinite=on_nonfinite)
+        self.train_full, self.part_lr, self.max_new_tokens = train_full, part_lr, max_new_tokens
+        for name, p in backbone.model.named_parameters():
+            if backbone.part_of(name) in train_full and p.is_floating_point():
+                p.requires_grad_(True)
+        self._collect_trained_keys()
+        self._records: list[dict[str, Any]] = []
+
+    def policy_description(self) -> str:
+        return f"this model (parts trained in full: {self.train_full or 'none'})"
+
+    @property
+    def processor(self) -> Any:
+        return self.backbone.processor
+
+    def task_metadata(self) -> dict[str, Any]:
+        args = dict(train_full=self.train_full, part_lr=self.part_lr, max_new_tokens=self.max_new_tokens)
+        return {"chat_template": self.backbone.tokenizer.chat_template, "trainable_report": self.trainable_report(),
+                "task_args": args}
+
+    @classmethod
+    def merge_overrides(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        """A QLoRA run merges into the full-precision base weights, so the export needs no bitsandbytes."""
+        if meta["backbone"]["init_args"].get("quantization", "none") != "none":
+            return {"quantization": "none"}
+        return {}
+
+    # --- optimisation ----------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group per (part, decay/no-decay), each part at its own learning rate."""
+        buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, p in self.backbone.model.named_parameters():
+            if p.requires_grad:
+                buckets.setdefault((self.backbone.part_of(name), self.no_weight_decay(name, p)), []).append(p)
+        return [{"params": ps, "weight_decay": 0.0 if no_decay else self.weight_decay,
+                 "lr": self.part_lr.get(part, self.lr), "name": f"{part}{'/no_decay' if no_decay else ''}"}
+                for (part, no_decay), ps in sorted(buckets.items())]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        rows = ", ".join(f"{part} {r['trainable']:,}/{r['total']:,}" for part, r in self.trainable_report().items())
+        rank_zero_info(f"[vision_ft] trainable/total parameters: {rows}")
+
+    # --- training ---------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.backbone(**{k: v for k, v in batch.items() if k != "labels"})
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        logits = self(batch)
+        loss, _ = shifted_loss(logits, batch["labels"])
+        loss = self.checked_loss(self.add_regularizers(loss, {"logits": logits}, batch))
+        if loss is None:
+            return None
+        self.log_train_loss(loss, batch_idx, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self(batch)
+        loss, n = shifted_loss(logits, batch["labels"])
+        target = batch["labels"][:, 1:]
+        hit = ((logits[:, :-1].argmax(-1) == target) & (target != IGNORE)).sum()
+        self.log("val/loss", loss, prog_bar=True, batch_size=int(n), sync_dist=True)
+        self.log("val/token_acc", hit.float() / n.clamp(min=1), batch_size=int(n), sync_dist=True)
+
+    # --- generation -------------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, list) and batch and isinstance(batch[0], Conversation):
+            return batch  # encoded on the model's device when answered
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def prompt_inputs(self, conv: Conversation) -> tuple[dict[str, torch.Tensor], str]:
+        """Processor inputs for the conversation up to its last assistant turn, and that turn's text."""
+        last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+        prefix = conv.messages[:last]
+        reference = "".join(p.get("text", "") for p in conv.messages[last]["content"])
+        n_images = sum(p["type"] == "image" for m in prefix for p in m["content"])
+        images = load_images(conv)[:n_images]
+        text = render(self.backbone.tokenizer, prefix, add_generation_prompt=True)
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}, reference
+
+    @torch.no_grad()
+    def answer(self, conv: Conversation) -> str:
+        inputs, _ = self.prompt_inputs(conv)
+        tok = self.backbone.tokenizer
+        out = self.backbone.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                           use_cache=True, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    def _answer_all(self, batch: Sequence[Conversation]) -> list[dict[str, Any]]:
+        records = []
+        for conv in batch:
+            _, reference = self.prompt_inputs(conv)
+            answer = self.answer(conv)
+            records.append({"source": conv.source, "prompt": " | ".join(
+                "".join(p.get("text", "<image>") for p in m["content"]) for m in conv.messages
+                if m["role"] == "user"), "reference": reference, "answer": answer,
+                "exact": normalise_answer(answer) == normalise_answer(reference)})
+        return records
+
+    def test_step(self, batch: Sequence[Conversation], batch_idx: int) -> None:
+        self._records.extend(self._answer_all(batch))
+
+    def on_test_epoch_start(self) -> None:
+        self._records = []
+
+    def on_test_epoch_end(self) -> None:
+        if self._records:
+            n = len(self._records)
+            self.log("test/exact_match", sum(r["exact"] for r in self._records) / n)
+            self.log("test/count", float(n))
+
+    def on_test_end(self) -> None:
+        if not self._records or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
+            return
+        self._write(self.run_dir / "predictions.jsonl", self._records)
+        if (self.run_dir / "adapter.json").is_file():
+            update_metrics(self.run_dir, self.final_metrics("test/"))
+
+    def predict_step(self, batch: Sequence[Conversation], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        return self._answer_all(batch)
+
+    def on_predict_epoch_end(self) -> None:
+        outputs = self.trainer.predict_loop.predictions
+        if self.trainer.is_global_zero and outputs:
+            path = self.run_dir / "predictions.jsonl"
+            self._write(path, [r for b in outputs for r in b])
+            rank_zero_info(f"[vision_ft] answers written to {path}")
+
+    @staticmethod
+    def _write(path: Path, records: list[dict[str, Any]]) -> None:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+    # --- export ------------------------------------------------------------------------------------
+    def export_native(self, out_dir: str | Path) -> Path:
+        """``save_pretrained`` of the merged model (parts trained in full included) and the processor."""
+        return self.backbone.save_native(out_dir)
+
+    def export_peft(self, out_dir: str | Path) -> Path:
+        if self.train_full:
+            raise AdapterError(f"parts trained in full ({', '.join(self.train_full)}) are not part of a peft adapter; "
+                               "use `export --merge`, which writes them")
+        out = Path(self.method.save_peft(self.backbone, out_dir))
+        self.processor.save_pretrained(out)
+        return out
