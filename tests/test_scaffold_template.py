@@ -69,6 +69,7 @@ def test_a_project_pack_copy_names_the_switch_key_its_data_reads(tmp_path):
     assert "--data.init_args.root=" in (root / "datasets_cards" / "astro.md").read_text()
 
 
+@pytest.mark.slow  # about 25 s: a fit in a fresh interpreter (the --from medical copy is run in the default suite)
 @pytest.mark.subprocess
 @pytest.mark.timeout(600)
 def test_the_scaffolded_minimal_pack_passes_its_own_test(tmp_path):
