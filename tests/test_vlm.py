@@ -209,3 +209,15 @@ def test_vision_lora_gets_gradients_with_checkpointing_and_a_frozen_tower(images
     shifted_loss(vlm(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])[0].backward()
     grads = [p.grad for n, p in vlm.model.named_parameters() if "lora_A" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_methods_command_lists_what_applies_to_a_vision_language_model(capsys):
+    from vision_ft.cli import main
+
+    assert main(["methods", "--backbone", "qwen2_5_vl_test_tiny", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    vlm = VisionLanguageModel("qwen2_5_vl_test_tiny")
+    linears = [m for n, m in vlm.model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith("model.language_model.layers.")]
+    assert rows["lora"]["trainable_params"] == 8 * sum(m.in_features + m.out_features for m in linears)
+    assert "stems" in rows["ssf"]["error"]

@@ -378,6 +378,12 @@ def build_backbone_for_counts(name: str) -> Backbone:
         from .causal_lm import CausalLM
 
         return CausalLM(name)
+    from .vlm_presets import TINY_VLM_PRESETS
+
+    if name in TINY_VLM_PRESETS:  # vision-language presets
+        from .vlm import VisionLanguageModel
+
+        return VisionLanguageModel(name)
 
     if name in TINY_PRESETS or open_clip.get_model_config(name) is not None:
         return OpenCLIP(name)

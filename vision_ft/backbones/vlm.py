@@ -41,7 +41,7 @@ FAMILIES = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen", "llava
             "llava_onevision": "llava"}
 #: where each family's grounding coordinates live (rescaled to the original image by the grounding metrics)
 COORDINATE_FRAMES = {"qwen2_vl": "0-1000", "qwen3_vl": "0-1000", "qwen2_5_vl": "resized-pixels",
-                     "llava": "configured", "llava_onevision": "configured"}
+                     "llava": "0-1000", "llava_onevision": "0-1000"}
 
 
 class VisionLanguageModel(Backbone):
@@ -57,6 +57,9 @@ class VisionLanguageModel(Backbone):
         gradient_checkpointing: recompute activations in the backward pass; the input embeddings are made
             to require grad so adapters inside checkpointed frozen parts still receive gradients.
         chat_template: a Jinja template replacing the processor's.
+        coordinate_frame: the frame of grounding coordinates in answers (``0-1000``, ``0-1``, ``pixels``,
+            ``resized-pixels``); default the family's: Qwen2-VL / Qwen3-VL ``0-1000``, Qwen2.5-VL
+            ``resized-pixels`` (pixels of the image as its processor resized it), LLaVA ``0-1000``.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class VisionLanguageModel(Backbone):
         quantize_vision: bool = False,
         gradient_checkpointing: bool = False,
         chat_template: str | None = None,
+        coordinate_frame: str | None = None,
         init_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -82,6 +86,11 @@ class VisionLanguageModel(Backbone):
         self.quantization, self.double_quant, self.compute_dtype = quantization, double_quant, compute_dtype
         self.quantize_vision, self.gradient_checkpointing = quantize_vision, gradient_checkpointing
         self.chat_template_override, self.init_seed = chat_template, init_seed
+        from ..metrics.grounding import FRAMES
+
+        if coordinate_frame is not None and coordinate_frame not in FRAMES:
+            raise ConfigError(f"backbone.init_args.coordinate_frame={coordinate_frame!r}: choose from {list(FRAMES)}")
+        self.coordinate_frame_override = coordinate_frame
         self.model, self.processor = self._build()
         self.model_type = self.model.config.model_type
         if self.model_type not in FAMILIES:
@@ -311,6 +320,20 @@ class VisionLanguageModel(Backbone):
     def stem_parameter_names(self) -> list[str]:
         return []
 
+    @property
+    def coordinate_frame(self) -> str:
+        return self.coordinate_frame_override or COORDINATE_FRAMES[self.model_type]
+
+    def resized_size(self, image: Any) -> tuple[int, int]:
+        """(width, height) of ``image`` as the processor feeds it to the model (Qwen: its grid of patches)."""
+        ip = self.processor.image_processor
+        if self.family == "qwen":
+            thw = ip(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
+            patch = int(ip.patch_size)
+            return int(thw[2]) * patch, int(thw[1]) * patch
+        size = getattr(ip, "crop_size", None) or ip.size
+        return int(size.get("width") or size.get("shortest_edge")), int(size.get("height") or size.get("shortest_edge"))
+
     # --- compute ----------------------------------------------------------------------------------
     def forward(self, **inputs: Any) -> torch.Tensor:
         """Logits (B, L, V) of a processor batch (``input_ids``, ``attention_mask``, pixel inputs...)."""
@@ -332,7 +355,7 @@ class VisionLanguageModel(Backbone):
                     max_pixels=self.max_pixels, quantization=self.quantization, double_quant=self.double_quant,
                     compute_dtype=self.compute_dtype, quantize_vision=self.quantize_vision,
                     gradient_checkpointing=self.gradient_checkpointing, chat_template=self.chat_template_override,
-                    init_seed=self.init_seed)
+                    coordinate_frame=self.coordinate_frame_override, init_seed=self.init_seed)
         return {"class_path": f"{__name__}.VisionLanguageModel", "init_args": args}
 
     def fingerprint(self) -> str:

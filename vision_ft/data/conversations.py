@@ -41,6 +41,9 @@ class Conversation:
     messages: list[dict[str, Any]]
     images: list[Path] = field(default_factory=list)
     source: str = ""
+    #: grounding ground truth carried by the record: ``{"task": "detect"|"point"|"count", "objects":
+    #: [{"bbox": [x1, y1, x2, y2] in original pixels, "label"}]}``
+    grounding: dict[str, Any] | None = None
 
 
 def _parts(text: str, where: str, j: int) -> list[dict[str, Any]]:
@@ -103,7 +106,14 @@ def parse_record(record: Any, where: str, image_root: Path) -> Conversation:
     tags = sum(p["type"] == "image" for m in messages for p in m["content"])
     if tags != len(images):
         raise DataError(f"{where}: {tags} <image> tag(s) but {len(images)} image(s)")
-    return Conversation(messages, [image_root / str(p) for p in images], where)
+    grounding = record.get("grounding")
+    if grounding is not None:
+        ok = (isinstance(grounding, dict) and grounding.get("task") in ("detect", "point", "count")
+              and isinstance(grounding.get("objects"), list)
+              and all(isinstance(o, dict) and len(o.get("bbox", [])) == 4 for o in grounding["objects"]))
+        if not ok:
+            raise DataError(f"{where}: 'grounding' needs task detect|point|count and objects with a 4-number bbox")
+    return Conversation(messages, [image_root / str(p) for p in images], where, grounding)
 
 
 def read_records(path: str | Path, image_root: str | Path | None = None, on_bad: Literal["error", "skip"] = "error"

@@ -46,6 +46,8 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         part_lr: learning rate per part (default ``lr``); the method's tensors take the rate of the part
             they sit in.
         max_new_tokens: generation length at test / predict time (greedy).
+        point_radius: a predicted point within this many original-image pixels of a true object's centre is a hit.
+        draw_limit: grounding answers drawn as PNG (true boxes green, answers red) in ``<run>/grounding/``.
         (see :class:`BaseTask` for backbone, method and optimiser arguments)
     """
 
@@ -58,6 +60,8 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         train_full: list[str] | None = None,
         part_lr: dict[str, float] | None = None,
         max_new_tokens: int = 64,
+        point_radius: float = 10.0,
+        draw_limit: int = 8,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         head_lr: float | None = None,
@@ -82,7 +86,9 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
             if backbone.part_of(name) in train_full and p.is_floating_point():
                 p.requires_grad_(True)
         self._collect_trained_keys()
+        self.point_radius, self.draw_limit = point_radius, draw_limit
         self._records: list[dict[str, Any]] = []
+        self._image_of: dict[str, Path] = {}
 
     def policy_description(self) -> str:
         return f"this model (parts trained in full: {self.train_full or 'none'})"
@@ -92,7 +98,8 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         return self.backbone.processor
 
     def task_metadata(self) -> dict[str, Any]:
-        args = dict(train_full=self.train_full, part_lr=self.part_lr, max_new_tokens=self.max_new_tokens)
+        args = dict(train_full=self.train_full, part_lr=self.part_lr, max_new_tokens=self.max_new_tokens,
+                    point_radius=self.point_radius, draw_limit=self.draw_limit)
         return {"chat_template": self.backbone.tokenizer.chat_template, "trainable_report": self.trainable_report(),
                 "task_args": args}
 
@@ -170,13 +177,40 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         for conv in batch:
             _, reference = self.prompt_inputs(conv)
             answer = self.answer(conv)
-            records.append({"source": conv.source, "prompt": " | ".join(
+            record = {"source": conv.source, "prompt": " | ".join(
                 "".join(p.get("text", "<image>") for p in m["content"]) for m in conv.messages
                 if m["role"] == "user"), "reference": reference, "answer": answer,
-                "exact": normalise_answer(answer) == normalise_answer(reference)})
+                "exact": normalise_answer(answer) == normalise_answer(reference)}
+            if conv.grounding is not None and conv.images:
+                record["grounding"] = {**conv.grounding, "parsed": self.in_original_pixels(answer, conv)}
+            records.append(record)
         return records
 
+    def in_original_pixels(self, answer: str, conv: Conversation) -> list[dict[str, Any]] | None:
+        """The answer's objects with coordinates rescaled from the model's frame to the first image's pixels
+        (``None``: unreadable)."""
+        from PIL import Image
+
+        from ..metrics.grounding import parse_answer, to_original
+
+        objects = parse_answer(answer)
+        if objects is None:
+            return None
+        with Image.open(conv.images[0]) as im:
+            image = im.convert("RGB")
+        frame, size = self.backbone.coordinate_frame, image.size
+        resized = self.backbone.resized_size(image) if frame == "resized-pixels" else None
+        out = []
+        for o in objects:
+            o = dict(o)
+            for key in ("bbox_2d", "point_2d"):
+                if key in o:
+                    o[key] = to_original([float(v) for v in o[key]], frame, size, resized)
+            out.append(o)
+        return out
+
     def test_step(self, batch: Sequence[Conversation], batch_idx: int) -> None:
+        self._image_of.update({c.source: c.images[0] for c in batch if c.images})
         self._records.extend(self._answer_all(batch))
 
     def on_test_epoch_start(self) -> None:
@@ -187,11 +221,27 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
             n = len(self._records)
             self.log("test/exact_match", sum(r["exact"] for r in self._records) / n)
             self.log("test/count", float(n))
+            for key, value in self.grounding_metrics(self._records).items():
+                self.log(f"test/{key}", value)
+
+    def grounding_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """count MAE, point accuracy, box mAP, mean best IoU and unparsed answers of the grounding records."""
+        from ..metrics.grounding import GroundingScores
+
+        grounded = [r["grounding"] for r in records if "grounding" in r]
+        if not grounded:
+            return {}
+        labels = sorted({o["label"] for g in grounded for o in g["objects"]})
+        scores = GroundingScores(labels, radius=self.point_radius)
+        for g in grounded:
+            scores.add(g["task"], g["parsed"], g["objects"])
+        return scores.compute()
 
     def on_test_end(self) -> None:
         if not self._records or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
             return
         self._write(self.run_dir / "predictions.jsonl", self._records)
+        self._draw(self._records)
         if (self.run_dir / "adapter.json").is_file():
             update_metrics(self.run_dir, self.final_metrics("test/"))
 
@@ -204,6 +254,24 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
             path = self.run_dir / "predictions.jsonl"
             self._write(path, [r for b in outputs for r in b])
             rank_zero_info(f"[vision_ft] answers written to {path}")
+
+    def _draw(self, records: list[dict[str, Any]]) -> None:
+        """The first ``draw_limit`` grounding answers drawn on their images (true boxes green, answers red)."""
+        from PIL import Image
+
+        from ..metrics.grounding import draw
+
+        drawn = 0
+        for r in records:
+            if "grounding" not in r or drawn >= self.draw_limit:
+                continue
+            image_path = self._image_of.get(r["source"])
+            if image_path is None:
+                continue
+            with Image.open(image_path) as im:
+                name = f"{drawn:03d}_{r['grounding']['task']}.png"
+                draw(im, r["grounding"]["parsed"], r["grounding"]["objects"], self.run_dir / "grounding" / name)
+            drawn += 1
 
     @staticmethod
     def _write(path: Path, records: list[dict[str, Any]]) -> None:
