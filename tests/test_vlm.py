@@ -221,3 +221,49 @@ def test_methods_command_lists_what_applies_to_a_vision_language_model(capsys):
                if isinstance(m, torch.nn.Linear) and n.startswith("model.language_model.layers.")]
     assert rows["lora"]["trainable_params"] == 8 * sum(m.in_features + m.out_features for m in linears)
     assert "stems" in rows["ssf"]["error"]
+
+
+def test_peft_format_export_and_qlora_keep_the_vision_side_in_full_precision(tmp_path, images):
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vision_ft.data import ConversationData
+    from vision_ft.errors import AdapterError
+    from vision_ft.export import export_merged, export_peft
+    from vision_ft.tasks import VisionLanguageSFTTask
+
+    vlm = VisionLanguageModel("qwen2_vl_test_tiny", quantization="nf4")
+    kinds = {n: type(m).__name__ for n, m in vlm.model.named_modules()}
+    assert kinds["model.language_model.layers.0.self_attn.q_proj"] == "Linear4bit"
+    assert kinds["model.visual.blocks.0.attn.qkv"] == "Linear" and kinds["model.visual.merger.mlp.0"] == "Linear"
+    L.seed_everything(0)
+    task = VisionLanguageSFTTask(vlm, method="lora", lr=5e-3)
+    data = ConversationData(train=str(_write_data(tmp_path)), batch_size=4, val_fraction=0.2)
+    trainer = L.Trainer(max_steps=2, logger=L.pytorch.loggers.CSVLogger(str(tmp_path), name="run"),
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        limit_val_batches=1)
+    trainer.fit(task, datamodule=data)
+    merged = export_merged(task.run_dir, tmp_path / "merged")
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    AutoModelForImageTextToText.from_pretrained(merged, local_files_only=True)  # transformers alone, no bitsandbytes
+
+    # peft format from a full-precision run: PeftModel on the plain base reproduces the trained logits
+    L.seed_everything(0)
+    plain = VisionLanguageSFTTask(VisionLanguageModel("qwen2_vl_test_tiny"), method="lora", lr=5e-3)
+    trainer = L.Trainer(max_steps=2, logger=L.pytorch.loggers.CSVLogger(str(tmp_path), name="run2"),
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        limit_val_batches=1)
+    trainer.fit(plain, datamodule=ConversationData(train=str(tmp_path / "train.jsonl"), batch_size=4))
+    adapter = export_peft(plain.run_dir, tmp_path / "peft")
+    base_dir = VisionLanguageModel("qwen2_vl_test_tiny").save_native(tmp_path / "base")
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir, local_files_only=True),
+                                      adapter).eval()
+    sample = encode(plain.processor, parse_record(RECORD, "f:1", images))
+    batch = {k: v for k, v in collate_vl([sample], plain.backbone.tokenizer.pad_token_id).items() if k != "labels"}
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, plain.backbone(**batch), rtol=1e-4, atol=1e-5)
+    full = VisionLanguageSFTTask(VisionLanguageModel("qwen2_vl_test_tiny"), method="lora", train_full=["projector"])
+    with pytest.raises(AdapterError, match="not part of a peft adapter"):
+        full.export_peft(tmp_path / "nope")

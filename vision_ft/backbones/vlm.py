@@ -152,7 +152,10 @@ class VisionLanguageModel(Backbone):
                               "'vision_ft[qlora]'") from None
         from transformers import BitsAndBytesConfig
 
-        skip = ["lm_head"] if self.quantize_vision else ["lm_head", "visual", "vision_tower", "multi_modal_projector"]
+        # matched from the start of module names (transformers' rule); both module layouts of each family
+        vision = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "visual", "vision_tower",
+                  "multi_modal_projector"]
+        skip = ["lm_head"] if self.quantize_vision else ["lm_head", *vision]
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=self.double_quant,
                                   bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
