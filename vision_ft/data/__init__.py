@@ -12,6 +12,8 @@
 - :class:`InstructionData`: instruction / chat JSONL for causal-LM SFT (label masks, packing) + an MCQ test file.
 - :func:`read_mcq`, :class:`MCQItem`: TeleQnA-style multiple-choice questions (JSON, JSONL, AES zip).
 - :class:`OODData`: an in-distribution classification datamodule + OOD image folders (tagged test loader).
+- :mod:`vision_ft.data.medical` (extra ``medical``): DICOM files/series and NIfTI volumes as images,
+  patient-level splits, CheXpert / NIH ChestX-ray14 multi-label conventions.
 """
 
 from .base import ClassificationData, EpochShuffleSampler, ResumableDataLoader, train_loader
