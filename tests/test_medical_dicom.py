@@ -198,6 +198,7 @@ def test_patient_names_and_private_tags_never_reach_logs_or_run_files(tmp_path, 
     assert str(ds.PatientName).startswith("Synthetic^Patient") and "SYNTHETIC-PRIVATE" in str(ds)
     written = capsys.readouterr()
     texts = [caplog.text, written.out, written.err]
+    assert "SYNTHETIC sample" in "".join(texts)  # the logs were captured (else this test could not fail)
     run_files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     split = next((tmp_path / "sample").rglob("patient_split.json"))
     assert run_files and split.is_file()
