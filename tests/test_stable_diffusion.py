@@ -281,3 +281,40 @@ def test_sara_remask_with_ema_restarts_the_resized_averages(tmp_path):
     assert task.method._remasked
     values = [p for p in task.backbone.model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in values) == task.method.mask_size()
+
+
+def test_clip_score_with_a_local_clip_folder(tmp_path, monkeypatch):
+    """The optional CLIP score runs on a local transformers CLIP folder and equals CLIP's own cosine x 100
+    averaged over the generated test images (the mean clamped at 0: torchmetrics' definition)."""
+    import lightning as L
+    from transformers import CLIPModel, CLIPProcessor
+
+    from vision_ft.backbones import HFCLIP
+
+    folder = tmp_path / "clip"
+    HFCLIP("hf_clip_test_tiny").save_native(folder)
+    fake = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(5)).numpy()
+    captions = ["a histology patch showing fibrosis", "a photo of a cat", "noise", "a red square"]
+    images = list(torch.from_numpy((fake * 255).astype("uint8")).permute(0, 3, 1, 2))
+
+    def cosines():
+        model, proc = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+        with torch.no_grad():
+            logits = model(**proc(text=captions, images=images, return_tensors="pt", padding=True)).logits_per_image
+        return (logits / model.logit_scale.exp()).diagonal(), model
+
+    cos, model = cosines()
+    if cos.mean() <= 0:  # random weights: flip the image embedding so the clamp at 0 does not hide the value
+        with torch.no_grad():
+            model.visual_projection.weight.neg_()
+        model.save_pretrained(folder)
+        cos, _ = cosines()
+    assert cos.mean() > 0
+    task = _task(metrics=["clip_score"], clip_model=str(folder), sample_steps=2, metric_images=4)
+    monkeypatch.setattr(task, "generate", lambda caps, seeds, pair=False: fake[[captions.index(c) for c in caps]])
+    items = [{"image": torch.rand(3, 32, 32), "caption": c} for c in captions]
+    out = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        task, dataloaders=torch.utils.data.DataLoader(items, batch_size=2), verbose=False)[0]
+    assert "test/loss" in out and "val/loss" not in out
+    assert abs(out["test/clip_score"] - max(float((100 * cos).mean()), 0.0)) < 1e-3
+    assert out["test/clip_score"] > 0

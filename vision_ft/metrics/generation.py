@@ -8,6 +8,7 @@ naming the key to set, instead of after training.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -38,10 +39,28 @@ def build_generation_metrics(names: list[str], inception_weights: str | None, cl
             else:
                 from torchmetrics.multimodal.clip_score import CLIPScore
 
-                out[name] = CLIPScore(model_name_or_path=clip_model)
+                out[name] = CLIPScore(model_name_or_path=partial(_load_clip, clip_model))
         except Exception as e:  # noqa: BLE001 - missing package or weights offline: one clear error
             key = ("model.init_args.inception_weights=<FID Inception .pth> (and pip install torch-fidelity)"
                    if name in ("fid", "kid") else "model.init_args.clip_model=<local CLIP folder>")
             raise BackboneError(f"metric {name!r} cannot be built ({first_line(e, root_cause=True)}): it needs weights "
                                 f"that are not available here. Set {key}, or drop it from model.init_args.metrics") from None
     return out
+
+
+def _load_clip(name_or_folder: str) -> tuple[Any, Any]:
+    """A transformers CLIP (hub id or local ``save_pretrained`` folder) for torchmetrics' CLIPScore, whose
+    feature calls expect tensors: transformers 5 returns output objects from ``get_image_features`` /
+    ``get_text_features``, so their projected ``pooler_output`` is handed over instead."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    class _CLIPFeatures(CLIPModel):
+        def get_image_features(self, *args: Any, **kwargs: Any):
+            out = super().get_image_features(*args, **kwargs)
+            return getattr(out, "pooler_output", out)
+
+        def get_text_features(self, *args: Any, **kwargs: Any):
+            out = super().get_text_features(*args, **kwargs)
+            return getattr(out, "pooler_output", out)
+
+    return _CLIPFeatures.from_pretrained(name_or_folder), CLIPProcessor.from_pretrained(name_or_folder)

@@ -184,6 +184,12 @@ class TextToImageTask(BaseTask):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.fixed_loss(batch, batch_idx)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def fixed_loss(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The loss at the fixed timesteps with fixed noise and the posterior mean (deterministic)."""
         images, captions = batch["image"], list(batch["caption"])
         latents, text = self.latents(images, sample=False), self.text(captions)
         steps = self.backbone.scheduler.config.num_train_timesteps
@@ -192,12 +198,10 @@ class TextToImageTask(BaseTask):
             noise = fixed_noise(latents.shape, self.seed, batch_idx, k).to(latents.device, latents.dtype)
             ts = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
             losses.append(self.diffusion_loss(latents, noise, ts, text, weighted=False))
-        loss = torch.stack(losses).mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(captions))
-        return loss
+        return torch.stack(losses).mean()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss = self.validation_step(batch, batch_idx)
+        loss = self.fixed_loss(batch, batch_idx)
         self.log("test/loss", loss, batch_size=len(batch["caption"]))
         if self.gen_metrics is None or batch_idx * len(batch["caption"]) >= self.metric_images:
             return
