@@ -223,13 +223,18 @@ def test_resume_reloads_the_lora_weights(tmp_path):
         assert torch.equal(fresh.backbone.model.state_dict()[k], v), k
 
 
-def test_bf16_true_keeps_trainable_tensors_fp32(tmp_path):
-    task = _task(lr=1e-3)
-    _trainer(tmp_path, 1, precision="bf16-true").fit(task, train_dataloaders=_Data(4).train_dataloader())
-    trainable = [p for p in task.backbone.model.parameters() if p.requires_grad]
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_half_precision_keeps_trainable_tensors_fp32(tmp_path, precision):
+    """fp16 / bf16 weights with the trainable tensors kept fp32 (no fp16 gradients to unscale); the LoRA moves."""
+    task = _task(lr=1e-2)
+    before = {n: p.detach().clone() for n, p in task.backbone.model.named_parameters() if p.requires_grad}
+    _trainer(tmp_path, 2, precision=precision).fit(task, train_dataloaders=_Data(4).train_dataloader())
+    trainable = {n: p for n, p in task.backbone.model.named_parameters() if p.requires_grad}
     frozen = [p for n, p in task.backbone.model.named_parameters() if not p.requires_grad and "to_q" in n]
-    assert trainable and all(p.dtype == torch.float32 for p in trainable)
-    assert frozen[0].dtype == torch.bfloat16
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert frozen[0].dtype == (torch.bfloat16 if precision.startswith("bf16") else torch.float16)
+    assert all(torch.isfinite(p).all() for p in trainable.values())
+    assert any(not torch.equal(before[n], p.detach()) for n, p in trainable.items())
 
 
 def test_run_folder_export_merge_and_sara_remask_in_training(tmp_path):
