@@ -11,12 +11,14 @@
 - :class:`COCODetectionData`: COCO ``instances_*.json`` + images for detection (ids remapped, box-safe augmentation).
 - :class:`InstructionData`: instruction / chat JSONL for causal-LM SFT (label masks, packing) + an MCQ test file.
 - :func:`read_mcq`, :class:`MCQItem`: TeleQnA-style multiple-choice questions (JSON, JSONL, AES zip).
+- :class:`CaptionedImageData`: images with captions (``metadata.jsonl`` or ``.txt``) for text-to-image tasks.
 - :class:`OODData`: an in-distribution classification datamodule + OOD image folders (tagged test loader).
 - :mod:`vision_ft.data.medical` (extra ``medical``): DICOM files/series and NIfTI volumes as images,
   patient-level splits, CheXpert / NIH ChestX-ray14 multi-label conventions.
 """
 
 from .base import ClassificationData, EpochShuffleSampler, ResumableDataLoader, train_loader
+from .captioned import CaptionedImageData
 from .coco import CategoryMap, COCODetectionData, coco_to_cxcywh, cxcywh_to_coco
 from .domain_generalisation import DomainFolderData, write_domain_sample
 from .few_shot import FewShotSplit, sample_indices
@@ -44,6 +46,7 @@ __all__ = [
     "split_videos",
     "write_video",
     "ArraySamples",
+    "CaptionedImageData",
     "COCODetectionData",
     "CSVManifestData",
     "CategoryMap",
