@@ -55,3 +55,13 @@ def test_pack_main_job_offline_within_five_minutes(tmp_path):
     _check_run(run, ["step_000060.png", "step_000120.png", "final.png"])
     assert elapsed < 300, f"the pack's main job took {elapsed:.0f} s"
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def test_cli_export_merge_of_a_pack_run_names_the_pipeline(tmp_path, capsys):
+    assert _fit(tmp_path, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                "--model.init_args.sample_steps=2") == 0
+    run = next((tmp_path / "runs" / "medical_synthesis").glob("version_*"))
+    capsys.readouterr()
+    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert "StableDiffusionPipeline.from_pretrained" in capsys.readouterr().out
+    assert (tmp_path / "merged" / "model_index.json").is_file() and (tmp_path / "merged" / "unet").is_dir()

@@ -208,6 +208,10 @@ def _describe_export(out: Path) -> str:
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
     head = ("classifier_head.safetensors: logits = image features @ weight.T + bias"
             if (out / "classifier_head.safetensors").is_file() else "class_text_features.safetensors")
+    if (out / "model_index.json").is_file():  # a diffusers pipeline folder (Stable Diffusion)
+        pipeline = json.loads((out / "model_index.json").read_text()).get("_class_name", "DiffusionPipeline")
+        return (f"written to {out} (diffusers {pipeline} folder); "
+                f"load with diffusers.{pipeline}.from_pretrained('{out}')")
     if (out / "open_clip_config.json").is_file():
         return (f"written to {out} (open_clip local-dir layout + {head}); "
                 f"load with open_clip.create_model('local-dir:{out}')")
