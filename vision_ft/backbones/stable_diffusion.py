@@ -125,6 +125,10 @@ class StableDiffusion(Backbone):
 
     # --- loading ----------------------------------------------------------------------------------
     def _build(self) -> tuple[nn.Module, nn.Module, nn.Module, Any, Any]:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            raise BackboneError("Stable Diffusion needs diffusers: pip install 'vision_ft[diffusion]'") from None
         if self.checkpoint:
             self.weights_source = f"pipeline folder {self.checkpoint}"
             return self._load(str(Path(self.checkpoint).expanduser()), "backbone.init_args.checkpoint")
