@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from vision_ft.cli import main
@@ -37,13 +36,17 @@ def _check_run(run: Path, grids: list[str]):
     assert "val/loss" in meta["metrics"] and meta["weights_source"].startswith("randomly initialised")
 
 
-def test_pack_short_run_writes_lora_grids_and_curves(tmp_path):
+def test_pack_short_run_writes_lora_grids_and_curves_and_exports(tmp_path, capsys):
     assert _fit(tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=2",
                 "--model.init_args.sample_every_n_steps=2", "--model.init_args.sample_steps=2") == 0
     run = next((tmp_path / "runs" / "medical_synthesis").glob("version_*"))
     _check_run(run, ["step_000002.png", "step_000004.png", "final.png"])
     rows = [r for r in (run / "metrics.csv").read_text().splitlines()[1:] if r]
     assert rows
+    capsys.readouterr()
+    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert "StableDiffusionPipeline.from_pretrained" in capsys.readouterr().out
+    assert (tmp_path / "merged" / "model_index.json").is_file() and (tmp_path / "merged" / "unet").is_dir()
 
 
 @pytest.mark.slow
@@ -54,14 +57,4 @@ def test_pack_main_job_offline_within_five_minutes(tmp_path):
     run = next((tmp_path / "runs" / "medical_synthesis").glob("version_*"))
     _check_run(run, ["step_000060.png", "step_000120.png", "final.png"])
     assert elapsed < 300, f"the pack's main job took {elapsed:.0f} s"
-    torch.set_num_threads(min(2, torch.get_num_threads()))
 
-
-def test_cli_export_merge_of_a_pack_run_names_the_pipeline(tmp_path, capsys):
-    assert _fit(tmp_path, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-                "--model.init_args.sample_steps=2") == 0
-    run = next((tmp_path / "runs" / "medical_synthesis").glob("version_*"))
-    capsys.readouterr()
-    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
-    assert "StableDiffusionPipeline.from_pretrained" in capsys.readouterr().out
-    assert (tmp_path / "merged" / "model_index.json").is_file() and (tmp_path / "merged" / "unet").is_dir()
