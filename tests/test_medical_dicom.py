@@ -255,3 +255,10 @@ def test_rescale_from_shared_and_per_frame_functional_groups(tmp_path):
                             extra={"PerFrameFunctionalGroupsSequence": [group(1.0, -1024.0), group(0.5, 0.0)]})
     hu, _ = decode_modality(per_frame)
     assert hu[:, 0, 0].tolist() == [-924.0, 100.0]
+
+
+def test_unusable_window_in_the_file_is_named_not_applied(tmp_path):
+    path = write_dicom(tmp_path / "w0.dcm", np.full((4, 4), 1024), window=(40.0, 0.0))
+    with pytest.raises(DataError, match=r"w0.dcm: the file's Window Center/Width .* not a usable window"):
+        read_frame(open_source(path), 0, "file")
+    assert read_frame(open_source(path), 0, resolve_window("lung")).shape == (4, 4)  # a config window still works

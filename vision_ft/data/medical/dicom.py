@@ -130,10 +130,14 @@ def decode_modality(path: Path) -> tuple[np.ndarray, object]:
     if colour:
         return np.asarray(arr), ds
     items = _rescale_items(ds, n_frames)
-    if items is None:
-        out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    else:
-        out = np.stack([np.asarray(apply_modality_lut(a, item), dtype=np.float64) for a, item in zip(arr, items)])
+    try:
+        if items is None:
+            out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        else:
+            out = np.stack([np.asarray(apply_modality_lut(a, item), dtype=np.float64) for a, item in zip(arr, items)])
+    except Exception as e:  # noqa: BLE001 - malformed rescale / modality LUT attributes
+        raise DataError(f"{path}: the Modality LUT (rescale slope/intercept) cannot be applied "
+                        f"({type(e).__name__})") from e
     return out, ds
 
 
@@ -153,6 +157,9 @@ def file_voi(frame: np.ndarray, ds) -> np.ndarray:
                        0, 1).astype(np.float32)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        if not (np.isfinite(centre) and np.isfinite(width) and width > 0):
+            raise DataError(f"the file's Window Center/Width ({centre}, {width}) is not a usable window; set "
+                            f"data.init_args.window to a preset or [centre, width]")
         function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
         if function == "SIGMOID":
             return (1.0 / (1.0 + np.exp(-4.0 * (frame - centre) / width))).astype(np.float32)
@@ -268,4 +275,7 @@ def read_frame(source: DicomSource, k: int, window, percentiles: Sequence[float]
         raise DataError(f"{file}: frame {index} requested but the pixel data holds {len(frames)} frame(s)")
     if source.series and frames.shape[1:3] != (int(source.header.Rows), int(source.header.Columns)):
         raise DataError(f"{file}: slice size {frames.shape[1:3]} differs from the rest of series {source.path}")
-    return to_display(frames[index], ds, window, percentiles)
+    try:
+        return to_display(frames[index], ds, window, percentiles)
+    except DataError as e:
+        raise DataError(f"{file}: {e}") from e
