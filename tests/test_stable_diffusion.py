@@ -55,6 +55,8 @@ def _plain_pipeline(folder):
 
 
 def test_backbone_roles_and_default_lora_targets():
+    from vision_ft.backbones import StableDiffusion
+
     b = _backbone()
     assert b.image_size == 32 and b.num_blocks == 4  # down, mid, 2 up
     assert b.module_name(0, "q").endswith("attn1.to_q") and b.module_name(0, "cross_proj").endswith("attn2.to_out.0")
@@ -65,6 +67,12 @@ def test_backbone_roles_and_default_lora_targets():
     m = _lora(b)
     names = m.target_names(b)
     assert len(names) == 8 * b.num_blocks and all(n.split(".")[-1] in ("to_q", "to_k", "to_v", "0") for n in names)
+    from vision_ft.methods import LoRA
+
+    cross = LoRA(targets=["cross_k", "cross_v"]).target_names(_backbone())
+    assert len(cross) == 2 * b.num_blocks and all(".attn2.to_" in n for n in cross)
+    self_only = LoRA().target_names(StableDiffusion("sd_test_tiny", attention=["self"]))
+    assert len(self_only) == 4 * b.num_blocks and not any(".attn2." in n for n in self_only)
 
 
 def test_offline_hub_id_and_bad_folder_name_the_key(tmp_path):

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 #: attention q/k/v (or the fused qkv) and output projection; MLP first and second layer, plus the gate of a
-#: gated MLP (``gate``) and the fused gate+up projection (``gate_up``) of language models that have them
-ROLES = ("q", "k", "v", "qkv", "proj", "fc1", "fc2", "gate", "gate_up")
+#: gated MLP (``gate``) and the fused gate+up projection (``gate_up``) of language models that have them, and
+#: the cross-attention projections of blocks that have one (the Stable Diffusion UNet's ``attn2``)
+ROLES = ("q", "k", "v", "qkv", "proj", "fc1", "fc2", "gate", "gate_up", "cross_q", "cross_k", "cross_v", "cross_proj")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,12 @@ class Backbone(nn.Module):
         """Where the weight for ``role`` (``q k v qkv proj fc1 fc2``) of ``block`` lives. A backbone without
         that role raises :class:`~vision_ft.errors.ConfigError` saying why (e.g. no fused ``qkv``)."""
         raise NotImplementedError
+
+    @property
+    def default_lora_targets(self) -> list[str]:
+        """The roles ``lora`` adapts when its ``targets`` are unset: the fused ``qkv`` by default; families
+        without one say theirs (causal LMs: every projection; Stable Diffusion: the diffusers set)."""
+        return ["qkv"]
 
     def module_ref(self, module: nn.Module) -> WeightRef:
         """Where the weight of a whole module of ``self.model`` lives (a norm, the stem convolution)."""

@@ -24,7 +24,8 @@ from .registry import register
 if TYPE_CHECKING:  # pragma: no cover
     from ..backbones import Backbone
 
-_PEFT_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2", "gate", "gate_up")
+_PEFT_ROLES = ("qkv", "q", "k", "v", "proj", "fc1", "fc2", "gate", "gate_up", "cross_q", "cross_k", "cross_v",
+               "cross_proj")
 
 
 @register
@@ -38,8 +39,10 @@ class LoRA(Method):
         targets: roles to adapt, any of ``qkv q k v proj fc1 fc2 gate gate_up``; ``q``/``k``/``v`` need a
             backbone with separate projections (transformers models, the D-FINE detector), ``qkv``
             one with a fused projection (timm ViTs, Phi-3); ``gate`` the gate of a gated MLP (Llama,
-            Qwen2), ``gate_up`` a fused gate+up projection (Phi-3). Default: the backbone's own default
-            targets (every projection of a language model; ``qkv`` on a ViT).
+            Qwen2), ``gate_up`` a fused gate+up projection (Phi-3), ``cross_q cross_k cross_v cross_proj``
+            a cross-attention (the Stable Diffusion UNet's ``attn2``). Default: the backbone's own default
+            targets (every projection of a language model; ``to_q, to_k, to_v, to_out.0`` of self- and
+            cross-attention on Stable Diffusion, the diffusers convention; ``qkv`` on a ViT).
         blocks: indices of blocks to adapt (default: all).
         towers: adapt only blocks of these towers (``visual``/``text`` of CLIP, ``vision``/``language`` of a
             vision-language model); default: all, or the backbone's default towers when ``targets`` is unset.
@@ -75,7 +78,7 @@ class LoRA(Method):
         """``targets``, or the backbone's default LoRA targets when unset."""
         if self.targets is not None:
             return list(self.targets)
-        return list(getattr(backbone, "default_lora_targets", None) or ["qkv"])
+        return list(backbone.default_lora_targets)
 
     def target_names(self, backbone: Backbone) -> list[str]:
         blocks = range(backbone.num_blocks) if self.blocks is None else self.blocks
