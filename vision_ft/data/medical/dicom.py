@@ -138,6 +138,9 @@ def decode_modality(path: Path) -> tuple[np.ndarray, object]:
     except Exception as e:  # noqa: BLE001 - malformed rescale / modality LUT attributes
         raise DataError(f"{path}: the Modality LUT (rescale slope/intercept) cannot be applied "
                         f"({type(e).__name__})") from e
+    bad = int(np.count_nonzero(~np.isfinite(out)))
+    if bad:
+        raise DataError(f"{path}: {bad} pixel value(s) are NaN or infinite after the Modality LUT")
     return out, ds
 
 
