@@ -262,3 +262,20 @@ def test_unusable_window_in_the_file_is_named_not_applied(tmp_path):
     with pytest.raises(DataError, match=r"w0.dcm: the file's Window Center/Width .* not a usable window"):
         read_frame(open_source(path), 0, "file")
     assert read_frame(open_source(path), 0, resolve_window("lung")).shape == (4, 4)  # a config window still works
+
+
+def test_series_rows_with_all_frames_and_patients_from_the_header(tmp_path):
+    root = write_dicom_sample(tmp_path / "s", n_patients=8, n_slices=4)
+    series = sorted({str(Path(r["path"]).parent) for r in csv.DictReader((root / "manifest.csv").open())})
+    (root / series[0] / "DICOMDIR").write_bytes(b"")  # a media directory file beside the slices is not a slice
+    manifest = tmp_path / "series.csv"
+    with manifest.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows([(str(root / s), "ab"[i % 2]) for i, s in enumerate(series)])
+    dm = DicomManifestData(str(manifest), patient_column=None, frames="all", image_size=8,
+                           split_fractions=[0.5, 0.25, 0.25], split_file=str(tmp_path / "split.json"))
+    samples, patients = dm._all_samples()
+    assert len(samples) == 8 * 4 and patients[:4] == ["SYN0000"] * 4  # the DICOM PatientID
+    # slices in order along the normal: positions z = 0, -5, -10, -15 -> IM0003 first
+    assert [samples.describe(i).rsplit("/", 1)[1] for i in range(4)] == [f"IM{k:04d}.dcm" for k in (3, 2, 1, 0)]
