@@ -140,3 +140,33 @@ def test_leaking_split_file_stops_the_main_job_with_the_file_named(tmp_path, cap
     assert code == 2
     assert "hand_written_split.json: patient 'SYN0005' is in both train and test" in err
     assert "Traceback" not in err
+
+
+def test_image_csv_with_a_patient_column(tmp_path):
+    from PIL import Image
+
+    from vision_ft.data.medical import PatientCSVData
+
+    rows = []
+    for p in range(12):
+        for k in range(3):
+            name = f"img/p{p}_{k}.png"
+            (tmp_path / "img").mkdir(exist_ok=True)
+            if (p, k) != (4, 1):  # one row names a missing file
+                Image.new("L", (8, 8), 40 * k).save(tmp_path / name)
+            rows.append(f"{name},{'sick' if p % 3 == 0 else 'well'},P{p}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,patient_id\n" + "\n".join(rows) + "\n")
+    kw = dict(image_size=8, split_fractions=[0.5, 0.25, 0.25], split_file=str(tmp_path / "split.json"))
+    with pytest.raises(DataError, match=r"p4_1.png"):
+        PatientCSVData(str(manifest), on_corrupt="error", **kw).setup()
+    dm = PatientCSVData(str(manifest), **kw)
+    assert dm.class_names == ["sick", "well"]
+    dm.setup()
+    assert len(dm.skipped) == 1 and "p4_1.png" in dm.skipped[0]
+    where = {}
+    for split in ("train", "val", "test"):
+        for key in dm.dataset(split).samples.keys:
+            patient = key.split("/")[1].split("_")[0]
+            assert where.setdefault(patient, split) == split
+    assert len(where) == 12

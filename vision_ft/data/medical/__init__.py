@@ -7,7 +7,7 @@ modules import them only when a file is read.
 from .chest_xray import CHEXPERT_FINDINGS, NIH_FINDINGS, ChestXrayData, map_uncertain
 from .dicom_data import DicomManifestData, DicomSamples
 from .nifti_data import NiftiSliceData, NiftiSlices
-from .patient_data import PatientSplitData
+from .patient_data import PatientCSVData, PatientSplitData
 from .patients import (
     check_no_leakage,
     draw_patient_split,
@@ -25,6 +25,7 @@ __all__ = [
     "DicomSamples",
     "NiftiSliceData",
     "NiftiSlices",
+    "PatientCSVData",
     "PatientSplitData",
     "apply_window",
     "check_no_leakage",

@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import DataError
 from ..base import SPLITS, ClassificationData
-from ..labelled_images import Samples
+from ..labelled_images import FileSamples, Samples
 from .patients import check_fractions, check_no_leakage, resolve_patient_split
 
 log = logging.getLogger("vision_ft")
@@ -127,3 +127,38 @@ class PatientSplitData(ClassificationData):
             self._by_split = self._resolve()
         samples = self._by_split[split]
         return samples if len(samples) or split == "train" else None
+
+
+class PatientCSVData(PatientSplitData):
+    """Image files (PNG, JPEG, TIFF...) listed in one CSV with a patient column, split by patient.
+
+    Columns ``path`` (relative to ``root``, default the CSV's folder), ``label`` (a class name or
+    index) and ``patient_id``; names configurable. Missing or unreadable images follow
+    ``on_corrupt``. For DICOM use :class:`~vision_ft.data.medical.DicomManifestData`, for chest
+    X-ray label files :class:`~vision_ft.data.medical.ChestXrayData`.
+
+    Args:
+        manifest: the CSV.
+        root: folder the paths are relative to.
+        path_column, label_column, patient_column: column names.
+        **kwargs: :class:`PatientSplitData` options.
+    """
+
+    def __init__(self, manifest: str, root: str | None = None, path_column: str = "path",
+                 label_column: str = "label", patient_column: str = "patient_id", **kwargs):
+        super().__init__(**kwargs)
+        self.manifest = Path(manifest).expanduser()
+        self.root = Path(root).expanduser() if root is not None else self.manifest.parent
+        if root is not None and not self.root.is_dir():
+            raise DataError(f"data.init_args.root: folder {self.root} does not exist")
+        rows = read_csv_rows(self.manifest, [path_column, label_column, patient_column], "manifest")
+        names, labels = class_labels(rows, label_column, self._given_names, self.manifest)
+        self._samples = FileSamples(self.root, [r[path_column] for r in rows], labels)
+        self._patients = [r[patient_column] for r in rows]
+        self._set_classes(len(names), names)
+
+    def _all_samples(self) -> tuple[FileSamples, list[str]]:
+        return self._samples, list(self._patients)
+
+    def _identity(self) -> dict:
+        return {"name": self.manifest.stem, "type": type(self).__name__, "source": str(self.manifest.resolve())}
