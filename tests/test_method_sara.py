@@ -153,3 +153,21 @@ def test_bad_config_names_the_key():
             p.fill_(1.0)
     with pytest.raises(ConfigError, match="no weight has entries below"):
         SaRA(threshold=0.5).apply(b)
+
+
+def test_classification_task_remasks_through_the_declared_hook(tmp_path):
+    """Every task calls Method.on_train_batch_start, so SaRA re-masks outside the diffusion task too."""
+    import lightning as L
+
+    from conftest import make_task
+
+    task = make_task({"class_path": "vision_ft.methods.SaRA", "init_args": {"threshold": 2e-2, "progressive_step": 2}},
+                     lr=5e-2, ema_decay=0.9)
+    g = torch.Generator().manual_seed(0)
+    items = [{"image": torch.rand(3, 32, 32, generator=g), "label": torch.tensor(i % 3)} for i in range(12)]
+    L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=str(tmp_path)).fit(
+        task, train_dataloaders=torch.utils.data.DataLoader(items, batch_size=4))
+    assert task.method._remasked
+    trained = [p for n, p in task.backbone.model.named_parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trained) == task.method.mask_size()

@@ -217,6 +217,11 @@ class BaseTask(SavedStateMixin, EMAMixin, NonFiniteMixin, RankSafetyMixin, pl.Li
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._start_ema()
+        self.method.on_train_batch_start(self)
+        if self._ema is not None:  # a method resized its tensors (SaRA's re-masking): their average restarts
+            for name, p in self._ema_targets().items():
+                if name in self._ema and self._ema[name].shape != p.shape:
+                    self._ema[name] = p.detach().clone()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimiser step, then the EMA update (before any callback sees the step, so a

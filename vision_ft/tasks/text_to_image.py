@@ -231,14 +231,6 @@ class TextToImageTask(BaseTask):
             rank_zero_info(f"[vision_ft] {len(low)} trainable tensors cast to float32 (the frozen weights keep "
                            "the trainer's precision)")
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        self.method.on_train_batch_start(self)
-        if self._ema is not None:  # a method that resized its tensors (SaRA's re-masking): their average restarts
-            for name, p in self._ema_targets().items():
-                if name in self._ema and self._ema[name].shape != p.shape:
-                    self._ema[name] = p.detach().clone()
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.sample_every_n_steps
         if n and self.sample_prompts and self.global_step % n == 0 and self.trainer.is_global_zero \
