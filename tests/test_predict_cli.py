@@ -116,3 +116,34 @@ def test_radio_preprocessing_is_recorded_with_the_run_and_applied_at_inference(t
     rows = _read(run / "predictions.csv")
     from_cli = torch.tensor([[float(r[f"prob_{n}"]) for n in meta["class_names"]] for r in rows])
     assert torch.allclose(from_cli, expected, atol=1e-5)
+
+
+def test_fits_cutouts_are_decoded_and_preprocessed_as_the_fits_data_did(tmp_path):
+    """A run on FITS cutouts records the FITS reader with its preprocessing: predict_images and
+    `predict --images` decode .fits files (NaN blanks and all) exactly as RadioFITSData did in training."""
+    pytest.importorskip("astropy")
+    from domains.radio_astronomy.data import RadioFITSData, read_fits_image
+    from domains.radio_astronomy.preprocess import RadioPreprocess
+    from domains.radio_astronomy.sample import write_fits_sample
+    from vision_ft.backbones import TimmViT
+    from vision_ft.data import to_tensor
+    from vision_ft.export import save_adapter
+    from vision_ft.tasks import ImageClassificationTask
+
+    write_fits_sample(tmp_path / "fits_sample", n_train=8, n_test=4)
+    pre = {"nan_policy": "background", "sigma_clip": 3.0, "interval": "zscale", "stretch": "asinh"}
+    data = RadioFITSData(train_csv=str(tmp_path / "fits_sample" / "train.csv"), preprocess=pre, image_size=32)
+    task = ImageClassificationTask(TimmViT("vit_test_tiny"), method="ssf", num_classes=data.num_classes,
+                                   class_names=data.class_names)
+    task.input_transform_spec = data.input_transform()  # what setup("fit") records
+    save_adapter(task, tmp_path / "run")
+    files = sorted((tmp_path / "fits_sample" / "fits").glob("*_test_*.fits"))
+    model = vision_ft.load_adapter(tmp_path / "run")
+    got = torch.tensor([[r["probs"][n] for n in data.class_names] for r in model.predict_images(files)])
+    with torch.no_grad():  # decoded and preprocessed here by the pack's own functions, independently
+        x = torch.stack([to_tensor(RadioPreprocess(**pre)(read_fits_image(f)), 32) for f in files])
+        expected = model(x).softmax(-1)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert main(["predict", str(tmp_path / "run"), "--images", str(tmp_path / "fits_sample" / "fits")]) == 0
+    rows = _read(tmp_path / "run" / "predictions.csv")
+    assert len(rows) == len(list((tmp_path / "fits_sample" / "fits").glob("*.fits")))

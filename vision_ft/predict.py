@@ -56,7 +56,7 @@ def cmd_predict(argv: list[str]) -> int:
     if not hasattr(task, "predict_images"):
         raise AdapterError(f"{type(task).__name__} runs do not classify images; `predict --images` is for "
                            "image classification runs")
-    paths = collect_images(a.images)
+    paths = collect_images(a.images, extra_suffixes=tuple(getattr(task, "input_readers", dict)()))
     rows = task.predict_images(paths, batch_size=a.batch_size)
     out = Path(a.out) if a.out else home / PREDICTIONS
     write_predictions(out, paths, rows, task.class_names)
@@ -64,16 +64,18 @@ def cmd_predict(argv: list[str]) -> int:
     return 0
 
 
-def collect_images(items: list[str]) -> list[Path]:
-    """Image files from folders (recursively, sorted), CSV manifests (``path`` column, relative to the
-    CSV's folder) and file names, in the order given."""
+def collect_images(items: list[str], extra_suffixes: tuple[str, ...] = ()) -> list[Path]:
+    """Image files from folders (recursively, sorted; the usual image suffixes plus ``extra_suffixes``, those
+    the run's data decodes itself such as FITS), CSV manifests (``path`` column, relative to the CSV's
+    folder) and file names, in the order given."""
     out: list[Path] = []
+    suffixes = IMAGE_SUFFIXES + tuple(s.lower() for s in extra_suffixes)
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
             if not found:
-                raise DataError(f"--images {item}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+                raise DataError(f"--images {item}: no image files ({', '.join(suffixes)}) in the folder")
             out += found
         elif path.suffix.lower() == ".csv":
             out += _csv_paths(path)

@@ -69,7 +69,12 @@ def _input_transform(self) -> dict:
     from dataclasses import asdict
 
     return {"class_path": f"{RadioPreprocess.__module__}.{RadioPreprocess.__qualname__}",
-            "init_args": asdict(self.preprocess)}
+            "init_args": asdict(self.preprocess),
+            "readers": {suffix: f"{__name__}.read_fits_image" for suffix in FITS_SUFFIXES}}
+
+
+#: FITS file names predict_images and ``predict --images`` decode with :func:`read_fits_image`
+FITS_SUFFIXES = (".fits", ".fit", ".fts")
 
 
 def images_to_tensor(images: Sequence[np.ndarray], preprocess: RadioPreprocess | dict | None, size: int):

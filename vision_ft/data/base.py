@@ -217,7 +217,8 @@ class ClassificationData(SplitLoaders, L.LightningDataModule):
         (a pack's sigma clip and stretch...), as ``{"class_path": ..., "init_args": {...}}`` of a callable
         ``array -> array``. The task records it with the run (``adapter.json``, checkpoints), so inference
         (``load_adapter(run).predict_images``, ``predict --images``) feeds the model what training did.
-        ``None`` (default): nothing beyond decoding."""
+        An optional ``"readers": {".fits": "package.module.function"}`` names, by file suffix, how to decode
+        files PIL cannot read (``function(path) -> array``). ``None`` (default): nothing beyond decoding."""
         return None
 
     # ---- splits ---------------------------------------------------------------------

@@ -260,8 +260,8 @@ class ImageClassificationTask(BaseTask):
         if isinstance(images, torch.Tensor):
             batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         else:
-            size, transform = self.backbone.input_size, self.input_transform()
-            tensors = [_image_tensor(im, size, transform) for im in images]
+            size, transform, readers = self.backbone.input_size, self.input_transform(), self.input_readers()
+            tensors = [_image_tensor(im, size, transform, readers) for im in images]
             batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
         out = []
         for b in batches:
@@ -282,6 +282,13 @@ class ImageClassificationTask(BaseTask):
 
         return import_class(spec["class_path"])(**spec.get("init_args", {}))
 
+    def input_readers(self) -> dict[str, Callable[[Path], np.ndarray]]:
+        """Decoders by file suffix the run's data recorded (FITS for the radio pack); PIL reads the rest."""
+        from ..export import import_class
+
+        spec = self.input_transform_spec or {}
+        return {suffix.lower(): import_class(path) for suffix, path in (spec.get("readers") or {}).items()}
+
     # --- artifacts -----------------------------------------------------------------------
     def export_native(self, out_dir: str | Path) -> Path:
         """The (merged) backbone + head in the backbone library's native format
@@ -299,13 +306,17 @@ def _key(name: str) -> str:
 
 
 def _image_tensor(image: str | Path | Image.Image | np.ndarray, size: tuple[int, int],
-                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                  readers: dict[str, Callable[[Path], np.ndarray]] | None = None) -> torch.Tensor:
     """A file path, PIL image (any mode: gray, RGBA, 16-bit) or decoded array -> (3,H,W) float in
-    [0, 1], through ``transform`` (the run's recorded preprocessing) first when given."""
+    [0, 1], through ``transform`` (the run's recorded preprocessing) first when given; files whose
+    suffix is in ``readers`` are decoded by that reader instead of PIL."""
     from ..data.labelled_images import pil_to_array, to_tensor
 
     if isinstance(image, np.ndarray):
         array = image
+    elif not isinstance(image, Image.Image) and Path(image).suffix.lower() in (readers or {}):
+        array = readers[Path(image).suffix.lower()](Path(image))
     else:
         if not isinstance(image, Image.Image):
             with Image.open(image) as im:
