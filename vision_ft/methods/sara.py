@@ -69,6 +69,10 @@ class NuclearNorm(torch.autograd.Function):
         return grad * uv
 
 
+#: a 0-d buffer on the first adapted module: 1 once the progressive re-masking happened (restored on resume)
+_REMASKED = "sara_remasked"
+
+
 def _names(param: str) -> tuple[str, str, str, str]:
     base = f"sara_{param}"
     return base, f"{base}_index", f"{base}_fixed", f"{base}_fixed_index"
@@ -119,7 +123,7 @@ class SaRA(Method):
 
     # --- life cycle ---------------------------------------------------------------------------
     def apply(self, backbone: Backbone) -> None:
-        added = 0
+        added, first = 0, None
         for site in S.parameters(backbone):
             w = site.weight.detach()
             index = (w.reshape(-1).abs() < self.threshold).nonzero().reshape(-1)
@@ -131,9 +135,10 @@ class SaRA(Method):
             site.add_tensor(self.prefix, "", w.new_zeros(0), name=fixed)
             site.add_tensor(self.prefix, "", index.new_zeros(0), name=fname)
             site.add_weight_map(self.prefix, partial(_write, site.ref.param))
-            added += 1
+            added, first = added + 1, first or site
         if not added:
             raise ConfigError(f"sara: no weight has entries below threshold={self.threshold} ({_KEY}.threshold)")
+        first.add_tensor(self.prefix, "", torch.zeros((), dtype=torch.uint8), name=_REMASKED)  # saved with the values
         self._model = backbone.model
         self._remasked = False
         self.freeze_and_mark(backbone)
@@ -197,14 +202,21 @@ class SaRA(Method):
                 for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
                     if state and isinstance(state.get(key), torch.Tensor) and state[key].shape == keep.shape:
                         state[key] = state[key][keep].clone()
+        self._flag().fill_(1)
         self._remasked = True
         return frozen
+
+    def _flag(self) -> torch.Tensor:
+        assert self._model is not None, "apply() first"
+        for _, module in self._model.named_modules():
+            if _REMASKED in module._buffers:
+                return module._buffers[_REMASKED]
+        raise KeyError(_REMASKED)
 
     # --- saving and merging ----------------------------------------------------------------------
     def load_adapter(self, backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
         """Sizes follow the saved mask (a re-masked run's is smaller than the fresh model's)."""
         model = backbone.model
-        resized = False
         for key, value in state.items():
             if not self.is_own(key):
                 continue
@@ -216,14 +228,11 @@ class SaRA(Method):
             if tname in host._parameters and host._parameters[tname].shape != value.shape:
                 host._parameters[tname].data = torch.empty(value.shape, dtype=host._parameters[tname].dtype,
                                                            device=host._parameters[tname].device)
-                resized = True
             elif tname in host._buffers and host._buffers[tname].shape != value.shape:
                 host._buffers[tname] = torch.empty(value.shape, dtype=value.dtype,
                                                    device=host._buffers[tname].device)
-                resized = True
         super().load_adapter(backbone, state)
-        if resized or any(k.endswith("_fixed_index") and v.numel() for k, v in state.items()):
-            self._remasked = True
+        self._remasked = bool(self._flag().item())
 
     def merge(self, backbone: Backbone) -> None:
         S.merge_all(backbone.model, self.prefix)
