@@ -171,3 +171,12 @@ def test_classification_task_remasks_through_the_declared_hook(tmp_path):
     assert task.method._remasked
     trained = [p for n, p in task.backbone.model.named_parameters() if p.requires_grad]
     assert sum(p.numel() for p in trained) == task.method.mask_size()
+
+
+def test_remask_flag_survives_save_and_load_even_when_nothing_was_frozen():
+    m, b = _applied(progressive_step=1)
+    assert m.remask() == 0  # untrained values are all below tau: nothing grows out
+    other_m, other = _applied(progressive_step=1)
+    assert not other_m._remasked
+    other_m.load_adapter(other, m.adapter_state_dict(b))
+    assert other_m._remasked
