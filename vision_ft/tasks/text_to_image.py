@@ -119,6 +119,7 @@ class TextToImageTask(BaseTask):
             from ..metrics.generation import build_generation_metrics
 
             self.gen_metrics = build_generation_metrics(self.metric_names, inception_weights, clip_model)
+            self.gen_metrics.requires_grad_(False)  # feature networks: never trained, averaged or checkpointed
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_cache: dict[str, torch.Tensor] = {}
 
