@@ -88,3 +88,39 @@ def test_detection_cocoeval_over_two_gloo_ranks_equals_one_process(tmp_path):
 
     assert det_one and sorted(map(key, det_one)) == sorted(map(key, det_two))
     assert len({d["image_id"] for d in det_two}) == len({d["image_id"] for d in det_one})  # no padded duplicates
+
+
+@pytest.mark.slow  # about a minute on 2 shared cores
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
+def test_vlm_ranks_with_different_image_and_text_mixes_finish_with_identical_adapters(tmp_path):
+    """Batch size 1 over a mix of image and text-only conversations: the two ranks draw different kinds at
+    some step, with the projector trained in full and LoRA in both towers (vision-side tensors unused by a
+    text-only batch)."""
+    from test_reliability import _subprocess as run
+
+    from test_vlm import _write_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train = _write_data(data, n=6)
+    lines = train.read_text().splitlines()
+    text = json.loads(lines[-1])
+    train.write_text("\n".join(lines + [json.dumps(text)] * 4) + "\n")  # 6 with an image, 5 text-only
+    args = ["fit", "--config", str(ROOT / "domains" / "medical_vlm.yaml"),
+            "--data.class_path=vision_ft.data.ConversationData", f"--data.init_args.train={train}",
+            "--data.init_args.batch_size=1", "--data.init_args.val_fraction=0.1",
+            "--model.init_args.train_full=[projector]",
+            "--model.init_args.method.init_args.towers=[vision, language]",
+            "--model.init_args.method.init_args.targets=[proj, fc1, fc2]",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu", "--trainer.devices=2",
+            "--trainer.strategy=ddp", "--trainer.max_steps=4", "--trainer.limit_val_batches=1",
+            "--test_after_fit=false",
+            '--trainer.callbacks+={"class_path": "test_reliability.DumpRankWeights", '
+            f'"init_args": {{"out": "{tmp_path / "ranks"}"}}}}']
+    proc = run(args, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (load_file(tmp_path / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
+    assert r0.keys() == r1.keys() and any("merger" in k for k in r0) and any("visual" in k and "lora" in k for k in r0)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:3]

@@ -133,11 +133,25 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         logits = self(batch)
         loss, _ = shifted_loss(logits, batch["labels"])
+        if "pixel_values" not in batch:
+            loss = loss + self._vision_side_zero()
         loss = self.checked_loss(self.add_regularizers(loss, {"logits": logits}, batch))
         if loss is None:
             return None
         self.log_train_loss(loss, batch_idx, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _vision_side_zero(self) -> torch.Tensor:
+        """0 x the trainable vision-side tensors: a text-only batch then still gives every trainable tensor a
+        (zero) gradient, so DDP ranks that drew text-only and image batches reduce the same tensors (no hang,
+        no unused-parameter error) and the update is unchanged."""
+        if not hasattr(self, "_vision_trainable"):
+            self._vision_trainable = [p for n, p in self.backbone.model.named_parameters()
+                                      if p.requires_grad and self.backbone.part_of(n) != "language_model"]
+        zero = torch.zeros((), device=self.device)
+        for p in self._vision_trainable:
+            zero = zero + 0.0 * p.sum()
+        return zero
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self(batch)
