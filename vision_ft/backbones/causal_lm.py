@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError, ConfigError, first_line
+from ._transformers import keep_differentiable_4bit, nf4_config, save_pretrained
 from ._layers import missing_role, read_layout, weight_ref
 from .base import Backbone, WeightRef
 from .causal_lm_presets import TINY_LM_PRESETS, tiny_tokenizer
@@ -79,12 +80,7 @@ class CausalLM(Backbone):
         if self.tokenizer.pad_token is None:  # padding needs an id; masks never derive from it
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.use_cache = False
-        for module in self.model.modules():
-            # bitsandbytes repacks 4-bit weights for its CPU kernel at the first eval-mode forward and from then
-            # on multiplies through an op without a backward (a warning, then input gradients silently lost):
-            # training after any validation pass would break. Keep its dequantise-and-matmul path instead.
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        keep_differentiable_4bit(self.model)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._layout = self._read_layout()
@@ -116,17 +112,7 @@ class CausalLM(Backbone):
     def _quantization_config(self) -> Any:
         if self.quantization == "none":
             return None
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError("backbone.init_args.quantization=nf4 needs bitsandbytes: pip install "
-                              "'vision_ft[qlora]'") from None
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
-                                  llm_int8_skip_modules=["lm_head", *self.skip_modules])
+        return nf4_config(self.double_quant, self.compute_dtype, ["lm_head", *self.skip_modules])
 
     def _from_pretrained(self, where: str, local_files_only: bool, gguf_file: str | None = None) -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -279,12 +265,4 @@ class CausalLM(Backbone):
 
     def save_native(self, out_dir: str | Path) -> Path:
         """``save_pretrained`` of the model and the tokenizer (with the chat template in use)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.config.use_cache = True
-        try:
-            self.model.save_pretrained(out)
-        finally:
-            self.model.config.use_cache = False
-        self.tokenizer.save_pretrained(out)
-        return out
+        return save_pretrained(self.model, out_dir, self.tokenizer)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError, ConfigError, first_line
+from ._transformers import keep_differentiable_4bit, nf4_config, save_pretrained
 from ._layers import missing_role, read_layout, weight_ref
 from .base import Backbone, WeightRef
 from .vlm_presets import TINY_VLM_PRESETS, tiny_vl_config, tiny_vl_processor, tiny_vl_tokenizer
@@ -107,9 +108,7 @@ class VisionLanguageModel(Backbone):
             tok.pad_token = tok.eos_token
         self._bounds()
         self.model.config.use_cache = False
-        for module in self.model.modules():  # see CausalLM: keep bitsandbytes' differentiable CPU path
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        keep_differentiable_4bit(self.model)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
@@ -145,21 +144,11 @@ class VisionLanguageModel(Backbone):
     def _quantization_config(self) -> Any:
         if self.quantization == "none":
             return None
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError("backbone.init_args.quantization=nf4 needs bitsandbytes: pip install "
-                              "'vision_ft[qlora]'") from None
-        from transformers import BitsAndBytesConfig
-
         # matched from the start of module names (transformers' rule); both module layouts of each family
         vision = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "visual", "vision_tower",
                   "multi_modal_projector"]
         skip = ["lm_head"] if self.quantize_vision else ["lm_head", *vision]
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
-                                  llm_int8_skip_modules=skip)
+        return nf4_config(self.double_quant, self.compute_dtype, skip)
 
     def _from_pretrained(self, where: str, local_files_only: bool) -> tuple[nn.Module, Any]:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -367,13 +356,5 @@ class VisionLanguageModel(Backbone):
 
     def save_native(self, out_dir: str | Path) -> Path:
         """``save_pretrained`` of the model and the processor (tokenizer, image processor, chat template)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.config.use_cache = True
-        try:
-            self.model.save_pretrained(out)
-        finally:
-            self.model.config.use_cache = False
         self.processor.chat_template = self.tokenizer.chat_template
-        self.processor.save_pretrained(out)
-        return out
+        return save_pretrained(self.model, out_dir, self.processor)
