@@ -2,9 +2,10 @@
 
 ``python -m vision_ft.bench.memory CONFIG.json`` builds one model (a registered method
 or the peft LoRA twin), records its RSS, resets the kernel's peak-RSS mark
-(``/proc/self/clear_refs``, Linux >= 4.0; otherwise a sampling thread watches the
-RSS) and runs the steps. It prints one JSON line: the peak RSS over the steps
-minus the RSS before them. A fresh process keeps other models' freed memory, which
+(``/proc/self/clear_refs``, Linux >= 4.0, trusted only after a probe allocation
+is seen to lift it; otherwise a sampling thread watches the RSS) and runs the
+steps. It prints one JSON line: the peak RSS over the steps minus the RSS
+before them. A fresh process keeps other models' freed memory, which
 the allocator would reuse, out of the number.
 """
 
@@ -39,13 +40,32 @@ def _rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _reset_peak() -> bool:
+def _clear_peak_mark() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
     hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
     return hwm is not None and rss is not None and hwm <= rss + 1024  # the mark really moved down
+
+
+_PROBE_BYTES = 32 * 2**20
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark and prove that it tracks growth from there.
+
+    Some kernels (and sandboxes that emulate ``/proc``) accept the write to ``clear_refs``
+    but never raise ``VmHWM`` again, which would report a peak of zero. A 32 MiB probe,
+    written page by page and freed, must lift the mark before it is trusted; the mark is
+    then reset once more so the probe is not part of the measurement."""
+    if not _clear_peak_mark():
+        return False
+    before = _status_kib("VmHWM") or 0
+    probe = torch.ones(_PROBE_BYTES // 4)  # written, so its pages are resident
+    del probe  # a true high-water mark keeps the probe after it is freed; a current-RSS copy does not
+    raised = (_status_kib("VmHWM") or 0) - before
+    return raised * 1024 >= 0.9 * _PROBE_BYTES and _clear_peak_mark()
 
 
 class _Sampler:
