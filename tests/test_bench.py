@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -173,26 +172,45 @@ def test_method_specs_variants_and_errors():
             raise ConfigError("no CUDA (skipped: a GPU is present)")
 
 
-def test_peak_memory_child_sees_a_known_allocation_inside_the_step(monkeypatch):
-    """The fresh-process measurement's own code, run in this process (the subprocess test is slow), with
-    a known 64 MiB tensor alive during the training step: the measured peak must contain it (glibc serves
-    an allocation this large with fresh pages, so no freed memory can hide it) and not much more."""
-    from vision_ft.bench import common
-    from vision_ft.bench.memory import measure
+_HOLDING_CHILD = """
+import json, sys, time, torch
+from vision_ft.bench import common
+from vision_ft.bench.common import Settings
+from vision_ft.bench.memory import measure
+
+size = 64 * 2**20
+step = common.train_step
+
+def step_holding_a_known_tensor(task, batch, opt):
+    held = torch.ones(size // 4)  # written, so its pages are resident
+    time.sleep(0.02)  # long enough for the RSS sampler too, where the kernel mark is not trusted
+    out = step(task, batch, opt)
+    del held
+    return out
+
+common.train_step = step_holding_a_known_tensor
+settings = Settings(backbone="vit_test_tiny", batch_size=2, num_classes=3, rss_steps=1)
+print(json.dumps(measure({"settings": settings.to_dict(), "threads": 1, "spec": {"name": "lora", "args": []}})))
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.timeout(180)
+def test_peak_memory_child_sees_a_known_allocation_inside_the_step():
+    """The fresh-process measurement's own code, in a fresh process as the bench runs it, with a known 64 MiB
+    tensor alive during the training step: the measured peak must contain it and not much more. (Inside the
+    long-lived test process, memory freed by earlier tests stays resident and is reused, so no RSS-based
+    measurement could see the tensor there: that is why the bench measures in fresh processes.)"""
+    import os
+    import subprocess
+    import sys
 
     size = 64 * 2**20
-    step = common.train_step
-
-    def step_holding_a_known_tensor(task, batch, opt):
-        held = torch.ones(size // 4)  # written, so its pages are resident
-        time.sleep(0.02)  # long enough for the RSS sampler too, where the kernel mark is not trusted
-        out = step(task, batch, opt)
-        del held
-        return out
-
-    monkeypatch.setattr(common, "train_step", step_holding_a_known_tensor)
-    settings = Settings(backbone="vit_test_tiny", batch_size=2, num_classes=3, rss_steps=1)
-    result = measure({"settings": settings.to_dict(), "threads": 1, "spec": {"name": "lora", "args": []}})
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", _HOLDING_CHILD], capture_output=True, text=True, env=env,
+                          timeout=170, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert size * 0.98 <= result["peak_bytes"] < size + 256 * 2**20, result
     assert result["baseline_bytes"] > 0 and "RSS" in result["how"]
 
@@ -301,34 +319,32 @@ def test_a_new_method_brings_its_bench_metadata_without_edits_in_bench():
         unregister("lora_bench_meta_test")
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("broken", ["frozen", "current_rss"])
-def test_peak_memory_falls_back_to_sampling_when_the_kernel_mark_does_not_track(monkeypatch, broken):
+def test_peak_memory_falls_back_to_sampling_when_the_kernel_mark_does_not_track(broken):
     """A /proc that accepts clear_refs but keeps VmHWM still (or reports the current RSS as the
     peak) must not give a peak of zero: the probe catches it and the RSS sampler measures instead."""
-    from vision_ft.bench import common, memory
+    import os
+    import subprocess
+    import sys
 
-    real = memory._status_kib
-    frozen = real("VmHWM")
-
-    def fake(key):
-        if key == "VmHWM":
-            return frozen if broken == "frozen" else real("VmRSS")
-        return real(key)
-
-    monkeypatch.setattr(memory, "_status_kib", fake)
-    assert memory._reset_peak() is False
+    patch = f"""
+from vision_ft.bench import memory
+real = memory._status_kib
+frozen = real("VmHWM")
+def fake(key):
+    if key == "VmHWM":
+        return frozen if {broken!r} == "frozen" else real("VmRSS")
+    return real(key)
+memory._status_kib = fake
+assert memory._reset_peak() is False
+"""
     size = 64 * 2**20
-    step = common.train_step
-
-    def step_holding_a_known_tensor(task, batch, opt):
-        held = torch.ones(size // 4)
-        time.sleep(0.02)  # the sampler polls every millisecond
-        out = step(task, batch, opt)
-        del held
-        return out
-
-    monkeypatch.setattr(common, "train_step", step_holding_a_known_tensor)
-    settings = Settings(backbone="vit_test_tiny", batch_size=2, num_classes=3, rss_steps=1)
-    result = memory.measure({"settings": settings.to_dict(), "threads": 1, "spec": {"name": "lora", "args": []}})
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", patch + _HOLDING_CHILD], capture_output=True, text=True, env=env,
+                          timeout=170, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "sampled" in result["how"], result
     assert size * 0.98 <= result["peak_bytes"] < size + 256 * 2**20, result
