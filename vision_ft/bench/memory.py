@@ -55,10 +55,11 @@ _PROBE_BYTES = 32 * 2**20
 def _reset_peak() -> bool:
     """Reset the kernel's peak-RSS mark and prove that it tracks growth from there.
 
-    Some kernels (and sandboxes that emulate ``/proc``) accept the write to ``clear_refs``
-    but never raise ``VmHWM`` again, which would report a peak of zero. A 32 MiB probe,
-    written page by page and freed, must lift the mark before it is trusted; the mark is
-    then reset once more so the probe is not part of the measurement."""
+    A ``/proc`` that accepts the write to ``clear_refs`` but never raises ``VmHWM`` again
+    would report a peak of zero. A 32 MiB probe, written page by page and freed, must
+    lift the mark before it is trusted; the mark is then reset once more so the probe is
+    not part of the measurement. (In a long-lived process whose freed memory is still
+    resident, nothing lifts the mark or the RSS: measure in a fresh process.)"""
     if not _clear_peak_mark():
         return False
     before = _status_kib("VmHWM") or 0
