@@ -16,7 +16,8 @@ from vision_ft.data.chat import IGNORE
 from vision_ft.data.conversations import collate_vl, encode, parse_record, read_records
 from vision_ft.errors import ConfigError, DataError
 
-FAMILIES = ["qwen2_vl_test_tiny", "qwen2_5_vl_test_tiny", "qwen3_vl_test_tiny", "llava_test_tiny"]
+FAMILIES = ["qwen2_vl_test_tiny", "qwen2_5_vl_test_tiny", "qwen3_vl_test_tiny", "llava_test_tiny",
+            "llava_onevision_test_tiny"]
 END = {"llava_test_tiny": "<|im_end|>\n"}
 RECORD = {"images": ["a.png", "b.png"], "conversations": [
     {"from": "system", "value": "Be brief."},
@@ -189,6 +190,76 @@ def test_train_with_a_part_in_full_and_export_loads_in_transformers_alone(tmp_pa
     assert torch.equal(got, want)  # the exported model (projector trained in full + merged LoRA) decodes the same
     merger = dict(model.named_parameters())["model.visual.merger.mlp.0.weight"]
     assert torch.equal(merger, dict(task.backbone.model.named_parameters())["model.visual.merger.mlp.0.weight"])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_exports_a_merged_folder_that_decodes_the_same_tokens(tmp_path, name):
+    """LoRA on the language model plus the projector in full, one optimiser step at a high rate, then
+    ``export --merge``: transformers' Auto classes alone load it and greedy-decode what the run decodes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vision_ft.data import ConversationData
+    from vision_ft.export import export_merged
+    from vision_ft.tasks import VisionLanguageSFTTask
+
+    L.seed_everything(0)
+    data_path = _write_data(tmp_path, n=4)
+    task = VisionLanguageSFTTask(VisionLanguageModel(name), method="lora", train_full=["projector"], lr=0.05,
+                                 max_new_tokens=4)
+    for n, p in task.backbone.model.named_parameters():
+        if "lora_B" in n:  # LoRA starts as the identity; give it a visible effect before the step
+            torch.nn.init.normal_(p, std=0.05)
+    before = {n: p.detach().clone() for n, p in task.backbone.model.named_parameters() if "lora" not in n}
+    data = ConversationData(train=str(data_path), batch_size=4, val_fraction=0.0)
+    trainer = L.Trainer(max_steps=1, logger=L.pytorch.loggers.CSVLogger(str(tmp_path), name="run"),
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(task, datamodule=data)
+    trained = dict(task.backbone.model.named_parameters())
+    assert any(not torch.equal(trained[n], before[n]) for n in before if task.backbone.part_of(n) == "projector")
+    conv = data.splits["train"][0]
+    task.eval()
+    inputs, _ = task.prompt_inputs(conv)
+    with torch.no_grad():
+        want = task.backbone.model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True,
+                                            pad_token_id=task.backbone.tokenizer.pad_token_id)
+    out = export_merged(task.run_dir, tmp_path / "merged")
+    model = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+    text = processor.tokenizer.apply_chat_template(conv.messages[:1], tokenize=False, add_generation_prompt=True)
+    images = [Image.open(p).convert("RGB") for p in conv.images]
+    again = processor(text=[text], images=[images] if images else None, return_tensors="pt")
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        got = model.generate(**again, max_new_tokens=8, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert torch.equal(got, want)
+    merged = dict(model.named_parameters())
+    for n in before:
+        if task.backbone.part_of(n) == "projector":
+            assert torch.equal(merged[n], trained[n]), n  # the part trained in full is in the export, bit for bit
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_batched_generation_answers_as_one_at_a_time(images, name):
+    """Prompts of different lengths (two images, one image, text only) generated together, left-padded,
+    give the tokens each gives alone."""
+    from vision_ft.tasks import VisionLanguageSFTTask
+
+    task = VisionLanguageSFTTask(VisionLanguageModel(name), method="lora", max_new_tokens=6).eval()
+    one = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                {"from": "gpt", "value": "x"}]}
+    text = {"conversations": [{"from": "human", "value": "Say something long enough."}, {"from": "gpt", "value": "y"}]}
+    convs = [parse_record(r, f"f:{i}", images) for i, r in enumerate([RECORD, one, text])]
+    tok = task.backbone.tokenizer
+    with torch.no_grad():
+        alone = []
+        for conv in convs:
+            inputs, _ = task.prompt_inputs(conv)
+            out = task.backbone.model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=True,
+                                               pad_token_id=tok.pad_token_id)
+            alone.append(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert len({len(task.prompt_inputs(c)[0]["input_ids"][0]) for c in convs}) == 3  # padding really happens
+    assert all(alone) and task.answers(convs) == alone
 
 
 def test_vision_lora_gets_gradients_with_checkpointing_and_a_frozen_tower(images):

@@ -2,7 +2,7 @@
 
 Loading, in order of precedence: ``checkpoint`` (a local ``save_pretrained`` folder with its processor files),
 ``name`` + ``pretrained: true`` (a hub id), or a tiny preset (``qwen2_vl_test_tiny``, ``qwen2_5_vl_test_tiny``,
-``qwen3_vl_test_tiny``, ``llava_test_tiny``: random weights, tokenizer trained offline, the family's
+``qwen3_vl_test_tiny``, ``llava_test_tiny``, ``llava_onevision_test_tiny``: random weights, tokenizer trained offline, the family's
 processor). ``AutoModelForImageTextToText`` picks the class from the folder's config, so a LLaVA folder may
 hold any vision tower and language model transformers' LLaVA accepts.
 
@@ -35,8 +35,9 @@ PARTS = ("vision_tower", "projector", "language_model")
 _PART_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
     "qwen": {"projector": ("model.visual.merger", "model.visual.deepstack_merger_list"),
              "vision_tower": ("model.visual",), "language_model": ("model.language_model", "lm_head")},
-    "llava": {"projector": ("model.multi_modal_projector",), "vision_tower": ("model.vision_tower",),
-              "language_model": ("model.language_model", "lm_head", "model.image_newline")},
+    # LLaVA-NeXT / OneVision's learned row separator ``image_newline`` joins the projector's output: a connector
+    "llava": {"projector": ("model.multi_modal_projector", "model.image_newline"),
+              "vision_tower": ("model.vision_tower",), "language_model": ("model.language_model", "lm_head")},
 }
 FAMILIES = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen", "llava": "llava",
             "llava_onevision": "llava"}

@@ -1,4 +1,4 @@
-"""Tiny vision-language presets built offline: transformers' LLaVA and Qwen-VL (2, 2.5, 3) classes at toy sizes,
+"""Tiny vision-language presets built offline: transformers' LLaVA, LLaVA-OneVision and Qwen-VL (2, 2.5, 3) classes at toy sizes,
 with the byte-level BPE tokenizer of the causal-LM presets extended by each family's image tokens, its chat
 template and its processor. Random weights: they exist so tests and the offline sample run the real classes.
 """
@@ -29,6 +29,15 @@ LLAVA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
 )
 
+#: LLaVA-OneVision's turns (Qwen2 chat markup) with an ``<image>`` placeholder per image
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 _QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 _TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=4096)
@@ -40,7 +49,10 @@ TINY_VLM_PRESETS: dict[str, str] = {
     "qwen2_5_vl_test_tiny": "qwen2_5_vl",
     "qwen3_vl_test_tiny": "qwen3_vl",
     "llava_test_tiny": "llava",
+    "llava_onevision_test_tiny": "llava_onevision",
 }
+#: LLaVA-OneVision's any-resolution grid at toy size: 56 px tiles, up to 2 x 2
+_ONEVISION_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 
 
 def tiny_vl_tokenizer(family: str) -> Any:
@@ -48,6 +60,9 @@ def tiny_vl_tokenizer(family: str) -> Any:
     if family == "llava":
         tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<image>"]})
         tok.chat_template = LLAVA_TEMPLATE
+    elif family == "llava_onevision":
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<image>", "<video>"]})
+        tok.chat_template = ONEVISION_TEMPLATE
     else:
         tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *_QWEN_TOKENS]})
         tok.chat_template = QWEN_TEMPLATE
@@ -56,7 +71,7 @@ def tiny_vl_tokenizer(family: str) -> Any:
 
 def tiny_vl_config(family: str, tok: Any) -> Any:
     """The model config of a preset, its special-token ids taken from ``tok``."""
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_TOKENS} if family != "llava" else {}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_TOKENS} if not family.startswith("llava") else {}
     text = dict(copy.deepcopy(_TEXT), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id, bos_token_id=None)
     special = dict(image_token_id=ids.get("<|image_pad|>"), video_token_id=ids.get("<|video_pad|>"),
@@ -90,6 +105,16 @@ def tiny_vl_config(family: str, tok: Any) -> Any:
         return LlavaConfig(vision_config=vision, text_config={**text, "model_type": "llama"},
                            image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
                            vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionConfig
+
+        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, image_size=56, patch_size=14)
+        return LlavaOnevisionConfig(vision_config=vision, text_config={**text, "model_type": "qwen2"},
+                                    image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                    video_token_index=tok.convert_tokens_to_ids("<video>"),
+                                    image_grid_pinpoints=copy.deepcopy(_ONEVISION_PINPOINTS), vision_feature_layer=-1,
+                                    vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -101,6 +126,17 @@ def tiny_vl_processor(family: str, tok: Any, min_pixels: int | None = None, max_
         ip = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
         return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                               image_token="<image>", num_additional_image_tokens=1, chat_template=tok.chat_template)
+    if family == "llava_onevision":
+        from transformers import (LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
+                                  LlavaOnevisionVideoProcessor)
+
+        tile = {"height": 56, "width": 56}
+        ip = LlavaOnevisionImageProcessor(size=dict(tile), crop_size=dict(tile),
+                                          image_grid_pinpoints=copy.deepcopy(_ONEVISION_PINPOINTS))
+        return LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok,
+                                       video_processor=LlavaOnevisionVideoProcessor(size=dict(tile)),
+                                       num_image_tokens=16, vision_feature_select_strategy="full",
+                                       chat_template=tok.chat_template, vision_aspect_ratio="anyres_max_9")
     from transformers import Qwen2VLImageProcessor
 
     size = {"shortest_edge": min_pixels or 56 * 56, "longest_edge": max_pixels or 112 * 112}

@@ -197,7 +197,9 @@ def encode(processor: Any, conv: Conversation, train_on: Literal["all", "last"] 
     tok = processor.tokenizer
     images = load_images(conv)
     full = render(tok, conv.messages)
-    enc = processor(text=[full], images=images or None, return_tensors="pt")
+    # one sample's images as one nested list: LLaVA-OneVision tiles a lone image at any resolution but several
+    # images of one sample at base resolution only, and counts their tokens by that rule
+    enc = processor(text=[full], images=[images] if images else None, return_tensors="pt")
     ids = enc["input_ids"][0].tolist()
     image_token = getattr(processor, "image_token", IMAGE_TAG)
     image_id = tok.convert_tokens_to_ids(image_token)
@@ -238,8 +240,11 @@ def encode(processor: Any, conv: Conversation, train_on: Literal["all", "last"] 
     return out
 
 
-def collate_vl(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-padded batch: token tensors padded (labels with ``-100``), pixel tensors concatenated in order."""
+def collate_vl(samples: list[dict[str, Any]], pad_id: int, side: Literal["right", "left"] = "right") -> dict[str, Any]:
+    """Padded batch: token tensors padded (labels with ``-100``) on ``side`` (``left`` for generation, so every
+    prompt ends where the new tokens start), pixel tensors concatenated in order."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side={side!r}: right or left")
     width = max(len(s["input_ids"]) for s in samples)
     batch: dict[str, Any] = {}
     for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE), ("mm_token_type_ids", 0),
@@ -248,10 +253,20 @@ def collate_vl(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
             continue
         t = torch.full((len(samples), width), fill, dtype=samples[0][key].dtype)
         for i, s in enumerate(samples):
-            t[i, : len(s[key])] = s[key]
+            if side == "right":
+                t[i, : len(s[key])] = s[key]
+            else:
+                t[i, width - len(s[key]):] = s[key]
         batch[key] = t
-    for key in ("pixel_values", "image_grid_thw", "image_sizes"):
+    for key in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images"):
         parts = [s[key] for s in samples if key in s]
-        if parts:
-            batch[key] = torch.cat(parts, dim=0)
+        if not parts:
+            continue
+        if key == "pixel_values" and parts[0].dim() == 5:
+            # any-resolution tiles (LLaVA-OneVision): (images, tiles, C, H, W), tile counts differ per image;
+            # zero tiles pad to the widest, the model keeps each image's own count from ``image_sizes``
+            tiles = max(p.shape[1] for p in parts)
+            parts = [torch.cat([p, p.new_zeros(p.shape[0], tiles - p.shape[1], *p.shape[2:])], dim=1)
+                     if p.shape[1] < tiles else p for p in parts]
+        batch[key] = torch.cat(parts, dim=0)
     return batch

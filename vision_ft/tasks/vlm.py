@@ -167,30 +167,47 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
             return batch  # encoded on the model's device when answered
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def prompt_inputs(self, conv: Conversation) -> tuple[dict[str, torch.Tensor], str]:
-        """Processor inputs for the conversation up to its last assistant turn, and that turn's text."""
+    def _prompt(self, conv: Conversation) -> tuple[str, list[Any], str]:
+        """The chat text up to the conversation's last assistant turn, its images, and that turn's text."""
         last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
         prefix = conv.messages[:last]
         reference = "".join(p.get("text", "") for p in conv.messages[last]["content"])
         n_images = sum(p["type"] == "image" for m in prefix for p in m["content"])
         images = load_images(conv)[:n_images]
-        text = render(self.backbone.tokenizer, prefix, add_generation_prompt=True)
-        enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        return render(self.backbone.tokenizer, prefix, add_generation_prompt=True), images, reference
+
+    def prompt_inputs(self, conv: Conversation) -> tuple[dict[str, torch.Tensor], str]:
+        """Processor inputs for the conversation up to its last assistant turn, and that turn's text."""
+        text, images, reference = self._prompt(conv)
+        enc = self.processor(text=[text], images=[images] if images else None, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}, reference
 
     @torch.no_grad()
-    def answer(self, conv: Conversation) -> str:
-        inputs, _ = self.prompt_inputs(conv)
+    def answers(self, convs: Sequence[Conversation]) -> list[str]:
+        """Greedy answers to several conversations in one ``generate`` call: each prompt is processed alone
+        (the same tokens as one at a time), then left-padded so all of them end where the answers start."""
+        from ..data.conversations import collate_vl
+
         tok = self.backbone.tokenizer
+        encoded = []
+        for conv in convs:
+            enc, _ = self.prompt_inputs(conv)
+            encoded.append({k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+                            else v for k, v in enc.items()})
+        inputs = collate_vl(encoded, tok.pad_token_id, side="left")
         out = self.backbone.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                            use_cache=True, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        width = inputs["input_ids"].shape[1]
+        return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+    def answer(self, conv: Conversation) -> str:
+        return self.answers([conv])[0]
 
     def _answer_all(self, batch: Sequence[Conversation]) -> list[dict[str, Any]]:
         records = []
-        for conv in batch:
-            _, reference = self.prompt_inputs(conv)
-            answer = self.answer(conv)
+        for conv, answer in zip(batch, self.answers(batch)):
+            last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+            reference = "".join(p.get("text", "") for p in conv.messages[last]["content"])
             record = {"source": conv.source, "prompt": " | ".join(
                 "".join(p.get("text", "<image>") for p in m["content"]) for m in conv.messages
                 if m["role"] == "user"), "reference": reference, "answer": answer,
