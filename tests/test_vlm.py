@@ -338,3 +338,55 @@ def test_peft_format_export_and_qlora_keep_the_vision_side_in_full_precision(tmp
     full = VisionLanguageSFTTask(VisionLanguageModel("qwen2_vl_test_tiny"), method="lora", train_full=["projector"])
     with pytest.raises(AdapterError, match="not part of a peft adapter"):
         full.export_peft(tmp_path / "nope")
+
+
+def test_fsdp_policy_wraps_the_backbones_own_blocks_of_the_chosen_towers():
+    """The sharded fragment's policy needs no class names: one FSDP unit per language-model layer, the vision
+    tower left in the root unit (towers: [language]); every block of both towers when towers is unset."""
+    from vision_ft.sharding import BackboneBlocks
+    from vision_ft.tasks import VisionLanguageSFTTask
+
+    task = VisionLanguageSFTTask(VisionLanguageModel("qwen2_5_vl_test_tiny"), method="lora")
+    bb = task.backbone
+    language = {bb.blocks[i] for i in bb.tower_blocks("language")}
+    everything = set(bb.blocks)
+    wrapped = set(BackboneBlocks(["language"])._run_policy(task, set(), {})) - {task}
+    assert wrapped == language
+    assert set(BackboneBlocks()._run_policy(task, set(), {})) - {task} == everything
+    with pytest.raises(ConfigError, match="towers"):
+        BackboneBlocks(["text"])._run_policy(task, set(), {})
+    import yaml
+
+    fragment = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/trainer/fsdp_vlm.yaml").read_text())
+    policy = fragment["trainer"]["strategy"]["init_args"]["auto_wrap_policy"]
+    assert policy == {"class_path": "vision_ft.sharding.BackboneBlocks", "init_args": {"towers": ["language"]}}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_text_only_batches_run_the_vision_side_for_sharded_strategies(images, name):
+    """Under ZeRO-3 / FSDP a text-only batch adds 0 x the vision side's output on a blank image: the loss is
+    unchanged, the vision tower's and projector's trainable tensors get (zero) gradients, nothing else moves."""
+    from vision_ft.methods import build_method
+    from vision_ft.data.chat import shifted_loss
+
+    vlm = VisionLanguageModel(name)
+    targets = ["qkv"] if vlm.family == "qwen" else ["q", "v"]
+    build_method({"class_path": "vision_ft.methods.LoRA",
+                  "init_args": {"towers": ["vision"], "targets": targets, "r": 2}}).apply(vlm)
+    for n, p in vlm.model.named_parameters():
+        if vlm.part_of(n) == "projector" and "image_newline" not in n:
+            p.requires_grad_(True)  # trained in full
+    calls = []
+    hook = vlm.blocks[vlm.tower_blocks("vision")[0]].register_forward_hook(lambda *a: calls.append(1))
+    text = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Yes."}]}
+    batch = collate_vl([encode(vlm.processor, parse_record(text, "f:1", images))], vlm.tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    loss, _ = shifted_loss(vlm(**batch), labels)
+    assert not calls  # a text-only forward never touches the vision tower by itself
+    total = loss + 0.0 * vlm.vision_pass()
+    hook.remove()
+    assert calls and torch.equal(total, loss)
+    total.backward()
+    vision_side = {n: p for n, p in vlm.model.named_parameters()
+                   if p.requires_grad and vlm.part_of(n) != "language_model" and "image_newline" not in n}
+    assert vision_side and all(p.grad is not None and not p.grad.any() for p in vision_side.values())

@@ -336,6 +336,34 @@ class VisionLanguageModel(Backbone):
                               "Qwen2.5-VL silently drops its 3-D positions); keep it in the collator")
         return self.model(**inputs, use_cache=False).logits
 
+    def vision_pass(self) -> torch.Tensor:
+        """The sum of the image features (the vision tower and projector's outputs) of one blank image at the
+        processor's smallest size. ``0 x`` this added to a text-only batch's loss makes every rank run the
+        vision side at every step, which sharded strategies need: under ZeRO-3 or FSDP with the vision tower
+        sharded, each of its modules gathers its weights from all ranks when it runs."""
+        import inspect
+
+        from PIL import Image
+
+        ip = self.processor.image_processor
+        side = int(getattr(ip, "patch_size", 14) or 14) * int(getattr(ip, "merge_size", 1) or 1) * 2
+        enc = ip(images=[Image.new("RGB", (side, side))], return_tensors="pt")
+        inner = self.model.model
+        accepted = inspect.signature(inner.get_image_features).parameters
+        device = next(self.model.parameters()).device
+        out = inner.get_image_features(**{k: v.to(device) for k, v in enc.items() if k in accepted})
+
+        def tensors(o: Any) -> list[torch.Tensor]:
+            if torch.is_tensor(o):
+                return [o] if o.is_floating_point() else []
+            if isinstance(o, (list, tuple)):
+                return [t for x in o for t in tensors(x)]
+            if hasattr(o, "values"):
+                return [t for x in o.values() for t in tensors(x)]
+            return []
+
+        return sum((t.float().sum() for t in tensors(out)), torch.zeros((), device=device))
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         raise ConfigError("vision-language models take processor batches (vision_ft.data.ConversationData)")
 

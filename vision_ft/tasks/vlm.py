@@ -134,12 +134,22 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         logits = self(batch)
         loss, _ = shifted_loss(logits, batch["labels"])
         if "pixel_values" not in batch:
-            loss = loss + self._vision_side_zero()
+            loss = loss + (0.0 * self.backbone.vision_pass() if self._shards_parameters() else self._vision_side_zero())
         loss = self.checked_loss(self.add_regularizers(loss, {"logits": logits}, batch))
         if loss is None:
             return None
         self.log_train_loss(loss, batch_idx, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _shards_parameters(self) -> bool:
+        """FSDP or DeepSpeed ZeRO-3: a module's weights are gathered from every rank when it runs."""
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        name = type(strategy).__name__
+        if name == "FSDPStrategy":
+            return True
+        if name == "DeepSpeedStrategy":
+            return int((getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage", 0)) == 3
+        return False
 
     def _vision_side_zero(self) -> torch.Tensor:
         """0 x the trainable vision-side tensors: a text-only batch then still gives every trainable tensor a
@@ -154,6 +164,9 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         return zero
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "pixel_values" not in batch and self._shards_parameters():
+            with torch.no_grad():
+                self.backbone.vision_pass()  # every rank gathers the vision side's weights, as in training
         logits = self(batch)
         loss, n = shifted_loss(logits, batch["labels"])
         target = batch["labels"][:, 1:]
@@ -244,8 +257,20 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         self._image_of.update({c.source: c.images[0] for c in batch if c.images})
         self._records.extend(self._answer_all(batch))
 
+    def _check_generation_strategy(self) -> None:
+        if self._shards_parameters() and self.trainer.world_size > 1:
+            raise ConfigError(f"generation across {self.trainer.world_size} ranks under "
+                              f"{type(self.trainer.strategy).__name__}: prompts of different lengths and image "
+                              "counts would run different collectives on each rank. Train with the sharded "
+                              "fragment and --test_after_fit=false, then test or predict the run (or its merged "
+                              "export) on one device or with configs/trainer/ddp.yaml")
+
     def on_test_epoch_start(self) -> None:
+        self._check_generation_strategy()
         self._records = []
+
+    def on_predict_epoch_start(self) -> None:
+        self._check_generation_strategy()
 
     def on_test_epoch_end(self) -> None:
         if self._records:
