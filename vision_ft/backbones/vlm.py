@@ -173,7 +173,7 @@ class VisionLanguageModel(Backbone):
 
         family = TINY_VLM_PRESETS[self.name]
         tok = tiny_vl_tokenizer(family)
-        cfg = tiny_vl_config(family, tok)
+        cfg = tiny_vl_config(family, tok, self.name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)

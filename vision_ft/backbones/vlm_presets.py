@@ -50,6 +50,17 @@ TINY_VLM_PRESETS: dict[str, str] = {
     "qwen3_vl_test_tiny": "qwen3_vl",
     "llava_test_tiny": "llava",
     "llava_onevision_test_tiny": "llava_onevision",
+    "qwen2_5_vl_bench_mid": "qwen2_5_vl",
+}
+#: presets at other sizes than the toy one: text-model and vision-tower overrides (``bench vlm``'s mid-size
+#: model: a 6-layer 512-wide language model, as ``llama_bench_mid``, and a 4-block 256-wide vision tower)
+_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "qwen2_5_vl_bench_mid": {
+        "text": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+                     num_key_value_heads=4, vocab_size=32000, rope_parameters={**_MROPE, "mrope_section": [8, 12, 12]}),
+        "vision": dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=512,
+                       fullatt_block_indexes=[3]),
+    },
 }
 #: LLaVA-OneVision's any-resolution grid at toy size: 56 px tiles, up to 2 x 2
 _ONEVISION_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
@@ -69,8 +80,9 @@ def tiny_vl_tokenizer(family: str) -> Any:
     return tok
 
 
-def tiny_vl_config(family: str, tok: Any) -> Any:
+def tiny_vl_config(family: str, tok: Any, preset: str | None = None) -> Any:
     """The model config of a preset, its special-token ids taken from ``tok``."""
+    sizes = _SIZES.get(preset or "", {})
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_TOKENS} if not family.startswith("llava") else {}
     text = dict(copy.deepcopy(_TEXT), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id, bos_token_id=None)
@@ -87,7 +99,10 @@ def tiny_vl_config(family: str, tok: Any) -> Any:
 
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
-        return Qwen2_5_VLConfig(text_config={**text, "rope_parameters": dict(_MROPE)}, vision_config=vision, **special)
+        text_config = {**text, "rope_parameters": dict(_MROPE)}
+        text_config.update(copy.deepcopy(sizes.get("text", {})))
+        vision.update(copy.deepcopy(sizes.get("vision", {})))
+        return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision, **special)
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 

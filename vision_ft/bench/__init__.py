@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     _transfer(p)
     sub.add_parser("lm", add_help=False, help="causal LM: LoRA, QLoRA and full fine-tuning step time and memory "
                    "(python -m vision_ft bench lm --help)")
+    sub.add_parser("vlm", add_help=False, help="vision-language model: LoRA, QLoRA and full fine-tuning of the "
+                   "language model beside plain peft loops (python -m vision_ft bench vlm --help)")
     sub.add_parser("diffusion", add_help=False, help="Stable Diffusion UNet: LoRA, SaRA and full fine-tuning step "
                    "time, memory and training state (python -m vision_ft bench diffusion --help)")
     p = sub.add_parser("report", help="render --report from the section files in --out (no measurement)")
@@ -192,6 +194,10 @@ def cmd_bench(argv: list[str]) -> int:
         from .lm import cmd_lm
 
         return cmd_lm(argv[1:])
+    if argv[:1] == ["vlm"]:  # its own options: vision_ft.bench.vlm
+        from .vlm import cmd_vlm
+
+        return cmd_vlm(argv[1:])
     if argv[:1] == ["diffusion"]:  # its own options: vision_ft.bench.diffusion
         from .diffusion import cmd_diffusion
 

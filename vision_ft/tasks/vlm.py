@@ -130,12 +130,16 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.backbone(**{k: v for k, v in batch.items() if k != "labels"})
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The loss a training step back-propagates (``None``: a non-finite batch to skip); no logging."""
         logits = self(batch)
         loss, _ = shifted_loss(logits, batch["labels"])
         if "pixel_values" not in batch:
             loss = loss + (0.0 * self.backbone.vision_pass() if self._shards_parameters() else self._vision_side_zero())
-        loss = self.checked_loss(self.add_regularizers(loss, {"logits": logits}, batch))
+        return self.checked_loss(self.add_regularizers(loss, {"logits": logits}, batch))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        loss = self.training_loss(batch)
         if loss is None:
             return None
         self.log_train_loss(loss, batch_idx, batch_size=batch["input_ids"].shape[0])

@@ -1,0 +1,299 @@
+"""``python -m vision_ft bench vlm``: LoRA, QLoRA and full fine-tuning of a vision-language model's language
+model, each beside the same setup driven by a plain loop, in one run.
+
+    python -m vision_ft bench vlm                        # qwen2_5_vl_bench_mid, 2 conversations of ~128 tokens
+    python -m vision_ft bench vlm --quick                # tiny model, one timed round (what the tests run)
+    python -m vision_ft bench vlm --methods lora full --json
+
+Kit rows run ``VisionLanguageSFTTask.training_loss`` (the training step without logging: forward through the
+backbone, loss on the replies, regularisers, non-finite check) then backward and AdamW. Their ``plain`` twins
+build the same transformers model with peft (or nothing, for full) and run ``model(**batch, labels=...)``,
+backward and AdamW, with no kit code in the step: the ratio is the kit's overhead. Every configuration is
+timed in alternating rounds (same machine load), the median of the timed rounds reported. Peak memory of
+the kit rows is measured in fresh processes (peak RSS over two steps minus the RSS after building). QLoRA's
+4-bit layers are counted from their own tensors against the fp32 bytes of the same weights.
+
+Goals: LoRA step <= 0.75x full; QLoRA quantised weights <= 0.3x fp32; no kit row slower than its plain twin
+by more than 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .lm import persistent_bytes, quantised_bytes
+
+METHODS = ("lora", "qlora", "full")
+GOALS = {"lora_step_vs_full": 0.75, "qlora_weight_bytes_vs_fp32": 0.3, "kit_vs_plain": 1.05}
+#: every projection of the language model's decoder layers (what the kit's ``lora`` adapts by default)
+_LM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def conversations(root: Path, batch_size: int, seq_len: int, seed: int = 0) -> list[Any]:
+    """``batch_size`` one-image conversations (112 x 112 px random images) of about ``seq_len`` text tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from ..data.conversations import parse_record
+
+    rng = np.random.default_rng(seed)
+    words = ["polyp", "mucosa", "lesion", "left", "right", "upper", "lower", "small", "large", "red"]
+    out = []
+    for i in range(batch_size):
+        Image.fromarray((rng.random((112, 112, 3)) * 255).astype("uint8")).save(root / f"b{i}.png")
+        reply = " ".join(rng.choice(words) for _ in range(max(1, seq_len // 2)))
+        out.append(parse_record({"image": f"b{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the finding."}, {"from": "gpt", "value": reply}]},
+            f"bench:{i}", root))
+    return out
+
+
+def make_batch(processor: Any, convs: list[Any]) -> dict[str, torch.Tensor]:
+    from ..data.conversations import collate_vl, encode
+
+    return collate_vl([encode(processor, c) for c in convs], processor.tokenizer.pad_token_id)
+
+
+def build_kit(method: str, backbone: str, rank: int) -> Any:
+    """The kit's task: LoRA (r, alpha = 2r) on the language model, QLoRA = the same on NF4 weights, full = the
+    language model trained in full (vision tower and projector frozen)."""
+    from ..backbones import VisionLanguageModel
+    from ..tasks import VisionLanguageSFTTask
+
+    vlm = VisionLanguageModel(backbone, quantization="nf4" if method == "qlora" else "none")
+    if method == "full":
+        task = VisionLanguageSFTTask(vlm, method="linear", train_full=["language_model"])
+    else:
+        task = VisionLanguageSFTTask(vlm, method={"class_path": "vision_ft.methods.LoRA",
+                                                  "init_args": {"r": rank, "alpha": 2 * rank}})
+    return task.train()
+
+
+def build_plain(method: str, backbone: str, rank: int) -> Any:
+    """The same model built with transformers (+ bitsandbytes) and peft alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from ..backbones._transformers import nf4_config
+    from ..backbones.vlm_presets import TINY_VLM_PRESETS, tiny_vl_config, tiny_vl_tokenizer
+
+    family = TINY_VLM_PRESETS[backbone]
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(tiny_vl_config(family, tiny_vl_tokenizer(family), backbone),
+                                                    dtype=torch.float32)
+    if method == "qlora":
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            skip = ["lm_head", "model.visual", "visual"]
+            model = AutoModelForImageTextToText.from_pretrained(tmp, dtype=torch.float32,
+                                                                quantization_config=nf4_config(True, "float32", skip))
+    if method == "full":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("model.language_model.", "lm_head.")))
+    else:
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                 target_modules=_LM_LINEARS))
+    model.config.use_cache = False
+    return model.train()
+
+
+def _trainables(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def kit_step(task: Any, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
+    loss = task.training_loss(batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def plain_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
+    loss = model(**batch).loss  # batch carries labels: transformers shifts them and averages over replies
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _configs(methods: list[str], backbone: str, rank: int, log: Any) -> dict[str, tuple[str, Any, Any]]:
+    out = {}
+    for m in methods:
+        log(f"[bench vlm] building {m} (kit) and {m} (plain loop) on {backbone}")
+        task = build_kit(m, backbone, rank)
+        out[m] = ("kit", task, torch.optim.AdamW(_trainables(task), lr=1e-5))
+        plain = build_plain(m, backbone, rank)
+        out[f"{m}_plain"] = ("plain", plain, torch.optim.AdamW(_trainables(plain), lr=1e-5))
+    return out
+
+
+def run(methods: list[str], backbone: str, rank: int, batch_size: int, seq_len: int, warmup: int, repeats: int,
+        rss: bool, log: Any = print) -> dict[str, Any]:
+    configs = _configs(methods, backbone, rank, log)
+    processor = next(c[1] for c in configs.values() if c[0] == "kit").processor
+    with tempfile.TemporaryDirectory() as tmp:
+        batch = make_batch(processor, conversations(Path(tmp), batch_size, seq_len))
+    times: dict[str, list[float]] = {n: [] for n in configs}
+    for r in range(warmup + repeats):
+        for name, (kind, model, opt) in configs.items():
+            started = time.perf_counter()
+            (kit_step if kind == "kit" else plain_step)(model, opt, batch)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - started)
+        log(f"[bench vlm] round {r + 1}/{warmup + repeats}" + (" (warm-up)" if r < warmup else ""))
+    tokens = int(batch["attention_mask"].sum())
+    rows: dict[str, Any] = {}
+    for name, (kind, model, _) in configs.items():
+        median = statistics.median(times[name])
+        inner = model.backbone if kind == "kit" else SimpleNamespace(model=model)  # the counters read ``.model``
+        row = {"kind": kind, "step_s": median, "step_s_all": times[name], "tokens_per_s": tokens / median,
+               **persistent_bytes(inner)}
+        if name.startswith("qlora"):
+            row.update(quantised_bytes(inner))
+        rows[name] = row
+    cfg = configs[methods[0]][1].backbone.model.config
+    parameters = sum(p.numel() for p in configs[methods[0]][1].backbone.model.parameters()) \
+        if methods[0] != "qlora" else None  # 4-bit layers pack two weights per byte
+    del configs
+    if rss:
+        for name in methods:
+            log(f"[bench vlm] peak memory of {name} (fresh process)")
+            rows[name].update(_peak_in_fresh_process(name, backbone, rank, batch_size, seq_len))
+    text, vision = cfg.get_text_config(), cfg.vision_config
+    model = {"backbone": backbone, "text_hidden": text.hidden_size, "text_layers": text.num_hidden_layers,
+             "text_mlp": text.intermediate_size, "vocab_size": text.vocab_size,
+             "vision_hidden": vision.hidden_size, "vision_blocks": vision.depth,
+             "tokens_per_step": tokens, "image_tokens_per_step": int(batch["mm_token_type_ids"].sum())
+             if "mm_token_type_ids" in batch else None,
+             "parameters": parameters}
+    return {"model": model, "rows": rows, "goals": goals(rows)}
+
+
+def measure_peak(method: str, backbone: str, rank: int, batch_size: int, seq_len: int, steps: int) -> dict[str, Any]:
+    from .memory import _reset_peak, _rss_bytes, _Sampler, _status_kib
+
+    task = build_kit(method, backbone, rank)
+    with tempfile.TemporaryDirectory() as tmp:
+        batch = make_batch(task.processor, conversations(Path(tmp), batch_size, seq_len))
+    opt = torch.optim.AdamW(_trainables(task), lr=1e-5)
+    base = _rss_bytes()
+    if _reset_peak():
+        for _ in range(steps):
+            kit_step(task, opt, batch)
+        peak = (_status_kib("VmHWM") or 0) * 1024
+    else:
+        with _Sampler() as sampler:
+            for _ in range(steps):
+                kit_step(task, opt, batch)
+        peak = sampler.peak
+    return {"peak_bytes": int(peak - base)}
+
+
+def _peak_in_fresh_process(name: str, backbone: str, rank: int, batch_size: int, seq_len: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "vision_ft.bench.vlm", "--child", name, "--backbone", backbone, "--rank", str(rank),
+           "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          timeout=1800)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"peak_error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def goals(rows: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def goal(key: str, value: float, limit: float) -> None:
+        out[key] = {"value": value, "goal": limit, "met": value <= limit}
+
+    if "lora" in rows and "full" in rows:
+        goal("lora_step_vs_full", rows["lora"]["step_s"] / rows["full"]["step_s"], GOALS["lora_step_vs_full"])
+    if "qlora" in rows:
+        goal("qlora_weight_bytes_vs_fp32", rows["qlora"]["quantised_bytes"] / rows["qlora"]["fp32_bytes"],
+             GOALS["qlora_weight_bytes_vs_fp32"])
+    for name in [n for n in rows if f"{n}_plain" in rows]:
+        goal(f"{name}_kit_vs_plain", rows[name]["step_s"] / rows[f"{name}_plain"]["step_s"], GOALS["kit_vs_plain"])
+    return out
+
+
+def report(result: dict[str, Any]) -> str:
+    m, rows = result["model"], result["rows"]
+    full = rows.get("full", {}).get("step_s")
+    lines = [f"bench vlm: {m['backbone']} (random weights; language model {m['text_layers']} x {m['text_hidden']}, "
+             f"MLP {m['text_mlp']}, vocab {m['vocab_size']}; vision tower {m['vision_blocks']} x {m['vision_hidden']}; "
+             + (f"{m['parameters'] / 1e6:.1f}M parameters; " if m["parameters"] else "") +
+             f"{m['tokens_per_step']} tokens per step, {m['image_tokens_per_step']} of them image tokens)",
+             f"{'setup':<12} {'step s':>8} {'x full':>7} {'tokens/s':>9} {'trainable':>12} {'peak MB':>9}"]
+    for name, r in rows.items():
+        ratio = f"{r['step_s'] / full:.2f}" if full else "-"
+        peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "-"
+        lines.append(f"{name:<12} {r['step_s']:>8.3f} {ratio:>7} {r['tokens_per_s']:>9.0f} {r['trainable']:>12,} "
+                     f"{peak:>9}")
+    if "qlora" in rows:
+        q = rows["qlora"]
+        lines.append(f"qlora 4-bit layers: {q['quantised_bytes'] / 2**20:.1f} MB vs {q['fp32_bytes'] / 2**20:.1f} MB "
+                     f"in fp32 ({q['quantised_bytes'] / q['fp32_bytes']:.3f}x)")
+    for key, g in result["goals"].items():
+        lines.append(f"goal {key}: {g['value']:.3f} (<= {g['goal']}) {'met' if g['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def cmd_vlm(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vision_ft bench vlm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--backbone", default=None, help="a Qwen-VL preset (default qwen2_5_vl_bench_mid)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank), every language-model projection")
+    p.add_argument("--batch-size", type=int, default=None, help="conversations per step (default 2)")
+    p.add_argument("--seq-len", type=int, default=None, help="about this many reply tokens each (default 128)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
+    p.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="skip fresh-process peak memory")
+    p.add_argument("--out", default="runs/bench", help="folder for bench_vlm.json")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quick", action="store_true", help="tiny model, one timed round, no fresh processes")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    quick = dict(backbone="qwen2_5_vl_test_tiny", batch_size=2, seq_len=16, warmup=1, repeats=1, rss=False)
+    full = dict(backbone="qwen2_5_vl_bench_mid", batch_size=2, seq_len=128, warmup=1, repeats=3, rss=True)
+    args = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in (quick if a.quick else full).items()}
+    from ..backbones.vlm_presets import TINY_VLM_PRESETS
+
+    if not re.match(r"qwen", TINY_VLM_PRESETS.get(args["backbone"], "")):
+        raise ConfigError(f"bench vlm --backbone {args['backbone']!r}: a Qwen-VL preset "
+                          f"({sorted(k for k, v in TINY_VLM_PRESETS.items() if v.startswith('qwen'))})")
+    if args["batch_size"] < 1 or args["seq_len"] < 2 or args["repeats"] < 1 or a.rank < 1:
+        raise ConfigError("bench vlm: --batch-size, --rank and --repeats must be >= 1, --seq-len >= 2")
+    if a.child:
+        print(json.dumps(measure_peak(a.child, args["backbone"], a.rank, args["batch_size"], args["seq_len"], 2)))
+        return 0
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.json else print
+    started = time.time()
+    result = run(a.methods, args["backbone"], a.rank, args["batch_size"], args["seq_len"], args["warmup"],
+                 args["repeats"], args["rss"], log=log)
+    result["meta"] = {"command": "python -m vision_ft bench vlm " + " ".join(argv),
+                      "settings": {**args, "rank": a.rank}, "threads": torch.get_num_threads(),
+                      "wall_s": time.time() - started, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+    from ..io import atomic_write_text
+
+    atomic_write_text(Path(a.out) / "bench_vlm.json", json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1) if a.json else report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cmd_vlm(sys.argv[1:]))
