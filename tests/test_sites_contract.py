@@ -30,6 +30,7 @@ TEXTLESS = ("timm", "dfine", "llama", "phi3", "unet")
 #: pairs that must be refused, with a phrase of the reason the error gives
 REFUSED = {
     ("open_clip", "lora"): "read directly by",  # peft adapts modules with their own forward, not packed MHA weights
+    ("open_clip", "tic_ft"): "read directly by",  # its default adapter is that peft LoRA
     ("dfine", "ssf"): "no final token norm",  # SSF's paper placement ends on the final norm
     ("llama", "ssf"): "no patch-embedding stem",
     ("phi3", "ssf"): "no patch-embedding stem",
@@ -42,6 +43,8 @@ SEPARATE_QKV = {"hf_clip", "dfine", "llama", "unet"}
 def _config(family: str, name: str) -> dict:
     if name == "lora" and family in SEPARATE_QKV:
         return {"targets": ["q", "v"]}
+    if name == "tic_ft" and family in SEPARATE_QKV:  # its adapter, the peft LoRA
+        return {"adapter": {"class_path": "vision_ft.methods.LoRA", "init_args": {"targets": ["q", "v"]}}}
     return {}
 
 

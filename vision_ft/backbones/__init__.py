@@ -7,6 +7,7 @@ from .hf_clip import HFCLIP
 from .open_clip import OpenCLIP
 from .stable_diffusion import StableDiffusion
 from .timm_vit import TINY_PRESETS, TimmViT
+from .video_diffusion import WanVideo
 from .vlm import VisionLanguageModel
 
-__all__ = ["ROLES", "Backbone", "CausalLM", "DFineDetector", "HFCLIP", "OpenCLIP", "StableDiffusion", "TimmViT", "TINY_PRESETS", "VisionLanguageModel", "WeightRef"]
+__all__ = ["ROLES", "Backbone", "CausalLM", "DFineDetector", "HFCLIP", "OpenCLIP", "StableDiffusion", "TimmViT", "TINY_PRESETS", "VisionLanguageModel", "WanVideo", "WeightRef"]

@@ -20,10 +20,11 @@ from .sara import SaRA
 from .snell import SNELL
 from .spt import SPTAdapter, SPTLoRA
 from .ssf import SSF
+from .tic_ft import TICFT
 
 __all__ = [
     "Method", "has_prefix", "register", "registered", "unregister", "build_method",
     "get_method_class", "LinearProbe", "FullFineTuning", "SSF", "LoRA", "DRTune",
     "Adapter", "AdaptFormer", "MoSA", "SNELL", "PEGO", "SPTLoRA", "SPTAdapter",
-    "CLIPLoRA", "CoOp", "CompLoRA", "BlockLoRA", "LocalPrompt", "SaRA",
+    "CLIPLoRA", "CoOp", "CompLoRA", "BlockLoRA", "LocalPrompt", "SaRA", "TICFT",
 ]

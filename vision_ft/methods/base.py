@@ -23,6 +23,7 @@ from ..errors import AdapterError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..backbones import Backbone
+    from .frame_plan import FramePlan
 
 
 def run_device(task: Any, default: torch.device) -> torch.device:
@@ -77,7 +78,7 @@ class Method:
 
     Everything a task may read or call is declared here with its default: the flags below,
     :meth:`set_class_names` (context passed before :meth:`apply`), :meth:`adjust_loss` and
-    :meth:`regularizer` (every task), :meth:`class_text_features`, :meth:`training_loss`,
+    :meth:`regularizer` (every task), :meth:`in_context_plan` (video diffusion), :meth:`class_text_features`, :meth:`training_loss`,
     :meth:`ood_scores` and :meth:`id_logits` (the CLIP tasks).
     """
 
@@ -223,6 +224,15 @@ class Method:
         ``{"<module>.lora_A.weight": (r, in), "<module>.lora_B.weight": (out, r)}`` keyed by module names
         inside ``backbone.model``, the ``alpha / r`` scaling folded into ``lora_B``. ``None`` (default):
         the method is not a LoRA of whole modules."""
+        return None
+
+    def in_context_plan(self, context_latents: int, total_latents: int) -> FramePlan | None:
+        """How a video diffusion task lays a clip out on the latent time axis: of ``total_latents`` latent
+        frames, the first ``context_latents`` come from the condition clip. A
+        :class:`~vision_ft.methods.frame_plan.FramePlan` says which stay clean, which are buffers at bounded
+        noise levels and which are targets (the only frames in the loss and the output); the task noises,
+        masks the loss and samples by it (TIC-FT). Default ``None``: every latent frame is a target (plain
+        text-to-video on the whole clip)."""
         return None
 
     def nominal_trainable_parameters(self, backbone: Backbone) -> int | None:

@@ -8,7 +8,8 @@ from .clip_ood import CLIPOODTask
 from .detection import DetectionTask
 from .text_to_image import TextToImageTask
 from .video import VideoPhaseTask
+from .video_diffusion import VideoDiffusionTask
 from .vlm import VisionLanguageSFTTask
 
 __all__ = ["BaseTask", "CausalLMSFTTask", "CLIPClassificationTask", "CLIPOODTask", "DetectionTask", "ImageClassificationTask",
-           "TextToImageTask", "VideoPhaseTask", "VisionLanguageSFTTask"]
+           "TextToImageTask", "VideoDiffusionTask", "VideoPhaseTask", "VisionLanguageSFTTask"]
