@@ -17,7 +17,7 @@ TINY = "qwen2_5_vl_test_tiny"
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_kit_row_and_plain_twin_compute_the_same_loss_on_the_same_trainables(tmp_path, method):
     kit, plain = build_kit(method, TINY, 4), build_plain(method, TINY, 4)
-    batch = make_batch(kit.processor, conversations(tmp_path, 2, 12))
+    batch = make_batch(kit.processor, conversations(tmp_path, 2, 12, kit.processor.tokenizer))
     assert int((batch["labels"] != -100).sum()) > 0
     with torch.no_grad():
         ours = kit.training_loss(batch)

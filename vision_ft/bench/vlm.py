@@ -1,7 +1,7 @@
 """``python -m vision_ft bench vlm``: LoRA, QLoRA and full fine-tuning of a vision-language model's language
 model, each beside the same setup driven by a plain loop, in one run.
 
-    python -m vision_ft bench vlm                        # qwen2_5_vl_bench_mid, 2 conversations of ~128 tokens
+    python -m vision_ft bench vlm                        # qwen2_5_vl_bench_mid, 2 conversations, 128-token replies
     python -m vision_ft bench vlm --quick                # tiny model, one timed round (what the tests run)
     python -m vision_ft bench vlm --methods lora full --json
 
@@ -43,8 +43,9 @@ GOALS = {"lora_step_vs_full": 0.75, "qlora_weight_bytes_vs_fp32": 0.3, "kit_vs_p
 _LM_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
-def conversations(root: Path, batch_size: int, seq_len: int, seed: int = 0) -> list[Any]:
-    """``batch_size`` one-image conversations (112 x 112 px random images) of about ``seq_len`` text tokens."""
+def conversations(root: Path, batch_size: int, seq_len: int, tokenizer: Any, seed: int = 0) -> list[Any]:
+    """``batch_size`` one-image conversations (112 x 112 px random images) whose replies are ``seq_len`` tokens
+    or just over."""
     import numpy as np
     from PIL import Image
 
@@ -55,7 +56,9 @@ def conversations(root: Path, batch_size: int, seq_len: int, seed: int = 0) -> l
     out = []
     for i in range(batch_size):
         Image.fromarray((rng.random((112, 112, 3)) * 255).astype("uint8")).save(root / f"b{i}.png")
-        reply = " ".join(rng.choice(words) for _ in range(max(1, seq_len // 2)))
+        reply = str(rng.choice(words))
+        while len(tokenizer(reply, add_special_tokens=False)["input_ids"]) < seq_len:
+            reply += " " + str(rng.choice(words))
         out.append(parse_record({"image": f"b{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nDescribe the finding."}, {"from": "gpt", "value": reply}]},
             f"bench:{i}", root))
@@ -147,7 +150,7 @@ def run(methods: list[str], backbone: str, rank: int, batch_size: int, seq_len: 
     configs = _configs(methods, backbone, rank, log)
     processor = next(c[1] for c in configs.values() if c[0] == "kit").processor
     with tempfile.TemporaryDirectory() as tmp:
-        batch = make_batch(processor, conversations(Path(tmp), batch_size, seq_len))
+        batch = make_batch(processor, conversations(Path(tmp), batch_size, seq_len, processor.tokenizer))
     times: dict[str, list[float]] = {n: [] for n in configs}
     for r in range(warmup + repeats):
         for name, (kind, model, opt) in configs.items():
@@ -189,7 +192,7 @@ def measure_peak(method: str, backbone: str, rank: int, batch_size: int, seq_len
 
     task = build_kit(method, backbone, rank)
     with tempfile.TemporaryDirectory() as tmp:
-        batch = make_batch(task.processor, conversations(Path(tmp), batch_size, seq_len))
+        batch = make_batch(task.processor, conversations(Path(tmp), batch_size, seq_len, task.processor.tokenizer))
     opt = torch.optim.AdamW(_trainables(task), lr=1e-5)
     base = _rss_bytes()
     if _reset_peak():
@@ -259,7 +262,7 @@ def cmd_vlm(argv: list[str]) -> int:
     p.add_argument("--backbone", default=None, help="a Qwen-VL preset (default qwen2_5_vl_bench_mid)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank), every language-model projection")
     p.add_argument("--batch-size", type=int, default=None, help="conversations per step (default 2)")
-    p.add_argument("--seq-len", type=int, default=None, help="about this many reply tokens each (default 128)")
+    p.add_argument("--seq-len", type=int, default=None, help="reply tokens per conversation (default 128)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
     p.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="skip fresh-process peak memory")

@@ -174,10 +174,10 @@ def collate(rows: Sequence[Sequence[tuple[list[int], list[int]]]], pad_id: int) 
 def shifted_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over supervised positions, and the number of them.
 
-    Logits at position ``t`` predict the token at ``t + 1``: the one shift happens here."""
-    pred = logits[:, :-1].float()
-    target = labels[:, 1:]
+    Logits at position ``t`` predict the token at ``t + 1``: the one shift happens here, on the labels (shifted
+    left, ``-100`` appended) rather than on the logits, whose sliced copy would cost a (B, L, V) tensor."""
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
     n = (target != IGNORE).sum()
-    loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum")
     return loss / n.clamp(min=1), n
