@@ -55,7 +55,9 @@ def test_scores_against_hand_computed_values():
     assert wrong.compute()["box_map"] == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("name,frame", [("qwen2_5_vl_test_tiny", "resized-pixels"), ("qwen2_vl_test_tiny", "0-1000")])
+@pytest.mark.parametrize("name,frame", [("qwen2_5_vl_test_tiny", "resized-pixels"), ("qwen2_vl_test_tiny", "0-1000"),
+                                        ("qwen3_vl_test_tiny", "0-1000"), ("llava_test_tiny", "0-1000"),
+                                        ("llava_onevision_test_tiny", "0-1000")])
 def test_pack_answers_are_in_the_family_frame_and_map_back_to_the_boxes(tmp_path, name, frame):
     from domains.medical.detection_sample import write_detection_sample
     from domains.medical_vlm import conversations

@@ -390,3 +390,43 @@ def test_text_only_batches_run_the_vision_side_for_sharded_strategies(images, na
     vision_side = {n: p for n, p in vlm.model.named_parameters()
                    if p.requires_grad and vlm.part_of(n) != "language_model" and "image_newline" not in n}
     assert vision_side and all(p.grad is not None and not p.grad.any() for p in vision_side.values())
+
+
+def test_a_llava_folder_with_a_dinov2_tower_and_a_mistral_model_loads_and_trains(tmp_path, images):
+    """Nothing assumes a CLIP tower or a Llama/Qwen text model: a LLaVA folder holding DINOv2 + Mistral loads from
+    ``checkpoint``, its parts and towers are found, and LoRA in both towers receives gradients."""
+    from transformers import AutoModelForImageTextToText, CLIPImageProcessor, LlavaConfig, LlavaProcessor
+
+    from vision_ft.backbones.vlm_presets import tiny_vl_tokenizer
+    from vision_ft.data.chat import shifted_loss
+    from vision_ft.methods import build_method
+
+    tok = tiny_vl_tokenizer("llava")
+    vision = dict(model_type="dinov2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=56, patch_size=14)
+    text = dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      image_seq_length=16, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(cfg).save_pretrained(tmp_path / "folder")
+    ip = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                   image_token="<image>", num_additional_image_tokens=1,
+                   chat_template=tok.chat_template).save_pretrained(tmp_path / "folder")
+    vlm = VisionLanguageModel(checkpoint=str(tmp_path / "folder"))
+    assert "Dinov2" in type(vlm.blocks[vlm.tower_blocks("vision")[0]]).__name__
+    assert "Mistral" in type(vlm.blocks[vlm.tower_blocks("language")[0]]).__name__
+    assert vlm.part_of("model.vision_tower.embeddings.patch_embeddings.projection.weight") == "vision_tower"
+    build_method({"class_path": "vision_ft.methods.LoRA",
+                  "init_args": {"towers": ["vision", "language"], "targets": ["q", "v"], "r": 2}}).apply(vlm)
+    for n, p in vlm.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = collate_vl([encode(vlm.processor, parse_record(RECORD, "f:1", images))], vlm.tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    shifted_loss(vlm(**batch), labels)[0].backward()
+    grads = {n: p.grad for n, p in vlm.model.named_parameters() if "lora_A" in n}
+    assert any(n.startswith("model.vision_tower.") for n in grads) and any("language_model" in n for n in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())

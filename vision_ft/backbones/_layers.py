@@ -1,7 +1,7 @@
 """Where a role's weight lives inside a transformer layer of a transformers model, read from module names.
 
 Language models (Llama, Qwen2, Mistral, Phi-3...) and the vision towers of vision-language models (CLIP,
-SigLIP, Qwen-VL's ViTs) name their projections in a handful of ways; reading the names once per layer list
+SigLIP, DINOv2 and BERT-style ViTs, Qwen-VL's ViTs) name their projections in a handful of ways; reading the names once per layer list
 replaces a table per architecture. Roles: ``q k v qkv proj`` (attention) and ``gate fc1 gate_up fc2`` (MLP:
 gate, first/up, fused gate+up, second/down). Fused projections expose their parts as row slices.
 """
@@ -15,15 +15,16 @@ from .base import WeightRef
 
 #: role -> candidate module names inside a layer, first match wins
 CANDIDATES: dict[str, tuple[str, ...]] = {
-    "q": ("self_attn.q_proj", "attn.q_proj"),
-    "k": ("self_attn.k_proj", "attn.k_proj"),
-    "v": ("self_attn.v_proj", "attn.v_proj"),
+    "q": ("self_attn.q_proj", "attn.q_proj", "attention.q_proj", "attention.attention.query"),
+    "k": ("self_attn.k_proj", "attn.k_proj", "attention.k_proj", "attention.attention.key"),
+    "v": ("self_attn.v_proj", "attn.v_proj", "attention.v_proj", "attention.attention.value"),
     "qkv": ("self_attn.qkv_proj", "self_attn.query_key_value", "self_attn.W_pack", "attn.qkv"),
-    "proj": ("self_attn.o_proj", "self_attn.out_proj", "self_attn.dense", "attn.proj", "attn.o_proj"),
+    "proj": ("self_attn.o_proj", "self_attn.out_proj", "self_attn.dense", "attn.proj", "attn.o_proj",
+             "attention.o_proj", "attention.output.dense"),
     "gate": ("mlp.gate_proj",),
-    "fc1": ("mlp.up_proj", "mlp.fc1", "mlp.linear_fc1"),
+    "fc1": ("mlp.up_proj", "mlp.fc1", "mlp.linear_fc1", "intermediate.dense"),
     "gate_up": ("mlp.gate_up_proj",),
-    "fc2": ("mlp.down_proj", "mlp.fc2", "mlp.linear_fc2"),
+    "fc2": ("mlp.down_proj", "mlp.fc2", "mlp.linear_fc2", "output.dense"),
 }
 _FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "fc1": "gate_up"}
 _SPLIT = {"qkv": "q k v", "gate_up": "gate fc1"}
