@@ -149,13 +149,21 @@ def _pairs(n=4):
     return items
 
 
-def test_validation_loss_is_deterministic_and_training_noise_is_not():
-    task = _task()
+def test_validation_loss_is_deterministic_and_the_encoder_cache_exact():
+    task, cached = _task(), _task(cache=True)
     batch = torch.utils.data.default_collate(_pairs(2))
     with torch.no_grad():
         a, b = task.fixed_loss(batch, 0), task.fixed_loss(batch, 0)
         c = task.fixed_loss(batch, 1)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+        assert torch.equal(a, b) and not torch.equal(a, c)  # fixed per (seed, batch, slot)
+        assert torch.allclose(cached.fixed_loss(batch, 0), a, rtol=1e-6) and len(cached._latent_cache) == 2
+        assert torch.allclose(cached.fixed_loss(batch, 0), a, rtol=1e-6) and len(cached._text_cache) == 1
+        frames, _ = task.clip(batch)
+        torch.manual_seed(5)
+        drawn = task.latents(frames)
+        torch.manual_seed(5)
+        assert torch.allclose(cached.latents(frames), drawn, atol=1e-6)  # the cache still samples the posterior
+        assert not torch.allclose(drawn, task.latents(frames, sample=False))
 
 
 def test_two_step_fit_writes_lora_samples_and_a_moving_adapter(tmp_path):

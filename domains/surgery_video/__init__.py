@@ -2,6 +2,7 @@
 
     python -m vision_ft fit --config domains/surgery_video.yaml      # CONFIG below
     python -m domains.surgery_video.sample OUT_DIR                   # the synthetic sample alone
+    python -m vision_ft fit --config domains/surgery_video_generation.yaml   # continue a clip (Wan + TIC-FT)
 
 Names are imported lazily: ``import domains.surgery_video`` loads nothing heavy until a name is used.
 """
@@ -24,6 +25,7 @@ _EXPORTS = {
     "write_heico_phase_csv": ".formats", "read_phase_json": ".formats", "write_phase_json": ".formats",
     "labels_to_ranges": ".formats", "ranges_to_labels": ".formats",
     "write_sample": ".sample", "SAMPLE_SPLITS": ".sample",
+    "SurgeryClipPairs": ".generation_data", "write_clip_pairs": ".generation_data",
 }
 __all__ = sorted([*_EXPORTS, "CONFIG"])
 

@@ -277,15 +277,28 @@ class WanVideo(Backbone):
         return (x * 2.0 - 1.0).reshape(b, f, 3, self.height, self.width).permute(0, 2, 1, 3, 4)
 
     @torch.no_grad()
-    def encode_video(self, frames: torch.Tensor, sample: bool = True,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """Frames (B, 4k + 1, 3, H, W) in [0, 1] -> normalised latents (B, C, k + 1, h, w)."""
+    def posterior(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames (B, 4k + 1, 3, H, W) in [0, 1] -> the VAE posterior's mean and std (B, C, k + 1, h, w), raw."""
         self.latent_frames(frames.shape[1], "video frames")
         x = self.preprocess_video(frames).to(dtype=next(self.vae.parameters()).dtype)
         dist = self.vae.encode(x).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
+        return dist.mean, dist.std
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents -> the transformer's latents: ``(z - latents_mean) / latents_std`` per channel."""
         mean, std = self._stats(z)
         return (z - mean) / std
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor, sample: bool = True,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Frames (B, 4k + 1, 3, H, W) in [0, 1] -> normalised latents (B, C, k + 1, h, w): a draw from the
+        posterior, or its mean."""
+        mean, std = self.posterior(frames)
+        if not sample:
+            return self.normalise(mean)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.normalise(mean + std * eps)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ them unchanged). A LoRA is also written as ``pytorch_lora_weights.safetensors`` 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,8 @@ class VideoDiffusionTask(BaseTask):
         method: registered method (``tic_ft``: in-context condition -> target; ``lora``: plain).
         logit_mean, logit_std: the logit-normal draw of the training noise level (0, 1: SD3's default).
         caption_dropout: probability of training a sample with the empty prompt.
+        cache: keep the VAE posterior of each clip (by content) and the embedding of each prompt in memory, so
+            repeated epochs skip the frozen encoders (exact: the posterior is still sampled).
         val_sigmas: fixed noise levels per validation clip.
         num_samples: validation items sampled into videos (0: none).
         sample_every_n_steps: write samples at the first validation after every N optimiser steps (0: only at
@@ -68,6 +71,7 @@ class VideoDiffusionTask(BaseTask):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         caption_dropout: float = 0.0,
+        cache: bool = False,
         val_sigmas: int = 4,
         num_samples: int = 2,
         sample_every_n_steps: int = 0,
@@ -101,6 +105,9 @@ class VideoDiffusionTask(BaseTask):
         self.sample_every_n_steps = sample_every_n_steps
         self.sample_steps, self.guidance_scale, self.negative_prompt = sample_steps, guidance_scale, negative_prompt
         self.sample_whole_clip, self.fps, self.seed = sample_whole_clip, float(fps), int(seed)
+        self.cache = bool(cache)
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
         self._sample_items: list[tuple[torch.Tensor | None, int, str]] = []
         self._sampled_at = 0
 
@@ -108,6 +115,31 @@ class VideoDiffusionTask(BaseTask):
         return {"task_args": {"logit_mean": self.logit_mean, "logit_std": self.logit_std,
                               "sample_steps": self.sample_steps, "guidance_scale": self.guidance_scale},
                 "height": self.backbone.height, "width": self.backbone.width}
+
+    # --- encoders (frozen; optionally cached) --------------------------------------------------------
+    def latents(self, frames: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Normalised latents of clips (B, F, 3, H, W): a posterior draw, or its mean."""
+        b = self.backbone
+        if not self.cache:
+            return b.encode_video(frames, sample=sample)
+        keys = [hashlib.sha1(clip.detach().cpu().numpy().tobytes()).hexdigest() for clip in frames]
+        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
+        if missing:
+            mean, std = b.posterior(frames[missing])
+            for j, i in enumerate(missing):
+                self._latent_cache[keys[i]] = (mean[j].detach(), std[j].detach())
+        mean = torch.stack([self._latent_cache[k][0] for k in keys])
+        if not sample:
+            return b.normalise(mean)
+        std = torch.stack([self._latent_cache[k][1] for k in keys])
+        return b.normalise(mean + std * torch.randn_like(mean))
+
+    def text(self, prompts: list[str]) -> torch.Tensor:
+        if not self.cache:
+            return self.backbone.encode_text(prompts)
+        for p in set(prompts) - set(self._text_cache):
+            self._text_cache[p] = self.backbone.encode_text([p])[0]
+        return torch.stack([self._text_cache[p] for p in prompts])
 
     # --- layout --------------------------------------------------------------------------------
     def clip_frames(self, condition: int, target: int) -> tuple[int, int]:
@@ -156,10 +188,10 @@ class VideoDiffusionTask(BaseTask):
             drop = torch.rand(len(prompts)) < self.caption_dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         frames, context = self.clip(batch)
-        latents = self.backbone.encode_video(frames)
+        latents = self.latents(frames)
         plan = self.plan(context, latents.shape[self.backbone.frame_dim])
         sigmas = self.train_sigmas(latents.shape[0], latents.device).to(latents.dtype)
-        loss = self.flow_loss(latents, torch.randn_like(latents), sigmas, self.backbone.encode_text(prompts), plan)
+        loss = self.flow_loss(latents, torch.randn_like(latents), sigmas, self.text(prompts), plan)
         loss = self.add_regularizers(loss, {"inputs": None, "logits": None, "features": None}, batch)
         loss = self.checked_loss(loss)
         if loss is None:
@@ -170,9 +202,9 @@ class VideoDiffusionTask(BaseTask):
     def fixed_loss(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """The loss at fixed levels with fixed noise and the posterior mean (deterministic)."""
         frames, context = self.clip(batch)
-        latents = self.backbone.encode_video(frames, sample=False)
+        latents = self.latents(frames, sample=False)
         plan = self.plan(context, latents.shape[self.backbone.frame_dim])
-        text = self.backbone.encode_text(list(batch["prompt"]))
+        text = self.text(list(batch["prompt"]))
         losses = []
         for k in range(self.val_sigmas):
             sigma = self.backbone.shift_sigmas(torch.tensor((k + 0.5) / self.val_sigmas))
@@ -210,12 +242,12 @@ class VideoDiffusionTask(BaseTask):
         noise = noise.to(device)
         x0 = torch.zeros_like(noise)
         if condition is not None:
-            ctx = b.encode_video(condition.to(device), sample=False).to(noise.dtype)
+            ctx = self.latents(condition.to(device), sample=False).to(noise.dtype)
             x0 = x0.narrow(b.frame_dim, context, total - context)
             x0 = torch.cat([ctx, x0], dim=b.frame_dim)
         start = b.add_noise(x0, noise, plan.start_sigmas().to(device, noise.dtype).expand(len(seeds), -1))
-        text = b.encode_text(prompts)
-        negative = b.encode_text([self.negative_prompt] * len(prompts)) if self.guidance_scale != 1.0 else None
+        text = self.text(prompts)
+        negative = self.text([self.negative_prompt] * len(prompts)) if self.guidance_scale != 1.0 else None
         held = plan.condition + plan.buffers > 0
         was_training = b.model.training
         b.model.eval()
