@@ -108,6 +108,9 @@ class VisionLanguageModel(Backbone):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         self._bounds()
+        vp = getattr(self.processor, "video_processor", None)
+        if vp is not None and hasattr(vp, "cap_pixels_per_frame"):
+            vp.cap_pixels_per_frame = True  # Qwen-VL: each frame's pixels capped as in the reference Qwen code
         self.model.config.use_cache = False
         keep_differentiable_4bit(self.model)
         if gradient_checkpointing:

@@ -15,6 +15,7 @@ QWEN_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -33,7 +34,8 @@ LLAVA_TEMPLATE = (
 ONEVISION_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -149,7 +151,7 @@ def tiny_vl_processor(family: str, tok: Any, min_pixels: int | None = None, max_
         ip = LlavaOnevisionImageProcessor(size=dict(tile), crop_size=dict(tile),
                                           image_grid_pinpoints=copy.deepcopy(_ONEVISION_PINPOINTS))
         return LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok,
-                                       video_processor=LlavaOnevisionVideoProcessor(size=dict(tile)),
+                                       video_processor=LlavaOnevisionVideoProcessor(size=dict(tile), do_sample_frames=False),
                                        num_image_tokens=16, vision_feature_select_strategy="full",
                                        chat_template=tok.chat_template, vision_aspect_ratio="anyres_max_9")
     from transformers import Qwen2VLImageProcessor
@@ -160,17 +162,19 @@ def tiny_vl_processor(family: str, tok: Any, min_pixels: int | None = None, max_
 
         size = {"shortest_edge": min_pixels or 64 * 64, "longest_edge": max_pixels or 128 * 128}
         ip = Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2)
-        return Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
-                                chat_template=tok.chat_template)
+        # Qwen3-VL's video pixel budget covers the whole clip: at toy size, about four 64 x 64 frames
+        vp = Qwen3VLVideoProcessor(size={"shortest_edge": 32 * 32, "longest_edge": 4 * 64 * 64}, patch_size=16,
+                                   merge_size=2, temporal_patch_size=2)
+        return Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
     from transformers import Qwen2VLVideoProcessor
 
     ip = Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2)
+    vp = Qwen2VLVideoProcessor(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56}, patch_size=14, merge_size=2,
+                               temporal_patch_size=2)  # per frame, at toy size
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLProcessor
 
-        return Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                                   chat_template=tok.chat_template)
+        return Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
     from transformers import Qwen2VLProcessor
 
-    return Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                            chat_template=tok.chat_template)
+    return Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)

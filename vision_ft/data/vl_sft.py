@@ -1,4 +1,4 @@
-"""``ConversationData``: image conversations (LLaVA or messages layout) for vision-language fine-tuning.
+"""``ConversationData``: image and video conversations (LLaVA or messages layout) for vision-language fine-tuning.
 
 Train / validation batches are processor batches with ``labels`` (see :mod:`vision_ft.data.conversations`).
 Test and predict batches are lists of :class:`~vision_ft.data.conversations.Conversation`: the task asks the
@@ -6,8 +6,9 @@ model the last user turn of each and compares the answer with the last assistant
 the backbone's (taken from the model when the trainer sets the datamodule up), so training, export and
 prediction share one chat template.
 
-Samples longer than ``max_length`` tokens (image tokens included) are dropped and counted, or an error
-(``on_overlength: error``): a sample is never cut, so image features and image tokens always match.
+Samples longer than ``max_length`` tokens (image and video tokens included) are dropped and counted, or an
+error (``on_overlength: error``): a sample is never cut, so media features and their tokens always match.
+Videos are sampled per ``video_*`` keys (:mod:`vision_ft.data.vl_video`) and decoded when a sample is encoded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ConfigError, DataError
 from .base import train_loader
 from .conversations import Conversation, collate_vl, encode, read_records
+from .vl_video import VideoSampling
 
 log = logging.getLogger("vision_ft")
 
@@ -55,14 +57,19 @@ class ConversationData(L.LightningDataModule):
         on_bad: ``error`` (file and line in the message) or ``skip`` and count bad records and missing images.
         train_on: supervise ``all`` assistant turns or only the ``last``.
         batch_size / eval_batch_size: conversations per training step / per generation step.
+        video_fps / video_frames: frames per second taken from each video, or an exact count (wins);
+            ``video_min_frames`` / ``video_max_frames`` bound it; rounded down to the model's temporal patch.
+        video_folder_fps: the frame rate of videos given as folders of frame images.
     """
 
     def __init__(self, train: str, val: str | None = None, test: str | None = None, image_root: str | None = None,
                  val_fraction: float = 0.1, max_length: int = 2048,
                  on_overlength: Literal["drop", "error"] = "drop", on_bad: Literal["error", "skip"] = "error",
                  train_on: Literal["all", "last"] = "all", batch_size: int = 2, eval_batch_size: int = 4,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, video_fps: float | None = 2.0, video_frames: int | None = None,
+                 video_min_frames: int = 4, video_max_frames: int = 32, video_folder_fps: float = 1.0) -> None:
         super().__init__()
+        self.sampling = VideoSampling(video_fps, video_frames, video_min_frames, video_max_frames, video_folder_fps)
         if on_overlength not in ("drop", "error"):
             raise ConfigError(f"data.init_args.on_overlength={on_overlength!r}: drop or error (a conversation with "
                               "images is never cut)")
@@ -91,6 +98,8 @@ class ConversationData(L.LightningDataModule):
     def _read(self, path: str) -> list[Conversation]:
         convs, skipped = read_records(path, self.image_root, self.on_bad)
         self.report[f"skipped:{path}"] = len(skipped)
+        for conv in convs:
+            conv.sampling = self.sampling
         return convs
 
     def _fit_length(self, convs: list[Conversation], split: str) -> list[Conversation]:
@@ -106,13 +115,13 @@ class ConversationData(L.LightningDataModule):
             if n <= self.max_length:
                 keep.append(conv)
             elif self.on_overlength == "error":
-                raise DataError(f"{conv.source}: {n} tokens (image tokens included) > max_length={self.max_length} "
+                raise DataError(f"{conv.source}: {n} tokens (media tokens included) > max_length={self.max_length} "
                                 "(data.init_args.max_length; or on_overlength: drop)")
             else:
                 dropped.append(conv.source)
         if dropped:
             log.warning("[vision_ft] %s: %d conversation(s) dropped (longer than max_length=%d tokens, or unreadable "
-                        "images); first: %s", split, len(dropped), self.max_length, dropped[0])
+                        "images or videos); first: %s", split, len(dropped), self.max_length, dropped[0])
         self.report[f"{split}_dropped"] = len(dropped)
         return keep
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..data.chat import IGNORE, render, shifted_loss
-from ..data.conversations import Conversation, load_images
+from ..data.conversations import Conversation, load_images, load_videos, process
 from ..errors import AdapterError, ConfigError
 from ..export import update_metrics
 from ..io import atomic_write_text
@@ -184,20 +184,19 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
             return batch  # encoded on the model's device when answered
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def _prompt(self, conv: Conversation) -> tuple[str, list[Any], str]:
-        """The chat text up to the conversation's last assistant turn, its images, and that turn's text."""
+    def prompt_inputs(self, conv: Conversation) -> tuple[dict[str, torch.Tensor], str]:
+        """Processor inputs for the conversation up to its last assistant turn (with the images and videos
+        that come before it), and that turn's text."""
         last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
         prefix = conv.messages[:last]
         reference = "".join(p.get("text", "") for p in conv.messages[last]["content"])
-        n_images = sum(p["type"] == "image" for m in prefix for p in m["content"])
-        images = load_images(conv)[:n_images]
-        return render(self.backbone.tokenizer, prefix, add_generation_prompt=True), images, reference
-
-    def prompt_inputs(self, conv: Conversation) -> tuple[dict[str, torch.Tensor], str]:
-        """Processor inputs for the conversation up to its last assistant turn, and that turn's text."""
-        text, images, reference = self._prompt(conv)
-        enc = self.processor(text=[text], images=[images] if images else None, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items()}, reference
+        count = {kind: sum(p["type"] == kind for m in prefix for p in m["content"]) for kind in ("image", "video")}
+        images = load_images(conv)[:count["image"]]
+        videos = load_videos(Conversation(conv.messages, source=conv.source, videos=conv.videos[:count["video"]],
+                                          sampling=conv.sampling), self.processor)
+        text = render(self.backbone.tokenizer, prefix, add_generation_prompt=True)
+        enc = process(self.processor, text, images, videos)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in enc.items()}, reference
 
     @torch.no_grad()
     def answers(self, convs: Sequence[Conversation]) -> list[str]:
