@@ -5,6 +5,7 @@ Sec. 8), not against pycocoevalcap's own numbers."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter
@@ -220,3 +221,245 @@ def test_meteor_runs_with_java():
     assert same["meteor"] == pytest.approx(1.0) and same["skipped"] == {}
     none = caption_scores({"a": "green grass", "b": "an old car"}, refs, metrics=("meteor",))
     assert none["meteor"] == 0.0
+
+
+# === MSR-VTT and MSVD readers ======================================================================
+
+from vision_ft.data import caption_datasets as cd  # noqa: E402
+from vision_ft.data.caption_datasets import (  # noqa: E402
+    convert_captions, msrvtt_records, msvd_records, read_msrvtt, write_jsonl,
+)
+
+# 12 fake MSR-VTT videos: 7 train, 2 validate, 3 test; video3 has 20 captions
+MSRVTT_SPLITS = ["train"] * 7 + ["validate"] * 2 + ["test"] * 3
+
+
+def _msrvtt(tmp_path, videos=None, sentences=None, name="videodatainfo.json", files=True):
+    if videos is None:
+        videos = [{"video_id": f"video{i}", "id": i, "split": s, "category": 3} for i, s in enumerate(MSRVTT_SPLITS)]
+    if sentences is None:
+        sentences = []
+        for v in videos:
+            n = 20 if v["video_id"] == "video3" else 2
+            sentences += [{"video_id": v["video_id"], "caption": f" {v['video_id']} caption {k} ", "sen_id": k}
+                          for k in range(n)]
+    path = tmp_path / name
+    path.write_text(json.dumps({"info": {}, "videos": videos, "sentences": sentences}))
+    root = tmp_path / "videos"
+    if files:
+        for v in videos:
+            folder = root / ("TestVideo" if v.get("split") == "test" else "TrainValVideo")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{v['video_id']}.mp4").write_bytes(b"")
+    root.mkdir(exist_ok=True)
+    return path, root
+
+
+def test_msrvtt_split_field_gives_records_in_the_conversation_format(tmp_path, caplog):
+    path, root = _msrvtt(tmp_path)
+    with caplog.at_level(logging.INFO, logger="vision_ft"):
+        train = msrvtt_records(path, root, "train", prompt="What happens?")
+    val, test = msrvtt_records(path, root, "val"), msrvtt_records(path, root, "test")
+    assert [r["id"] for r in train] == [f"video{i}" for i in range(7)]
+    assert [r["id"] for r in val] == ["video7", "video8"] and [r["id"] for r in test] == ["video9", "video10",
+                                                                                          "video11"]
+    assert train[3] == {
+        "id": "video3", "video": "TrainValVideo/video3.mp4",
+        "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                          {"from": "gpt", "value": "video3 caption 0"}],
+        "references": [f"video3 caption {k}" for k in range(20)]}
+    assert test[0]["video"] == "TestVideo/video9.mp4"
+    assert test[0]["conversations"][0]["value"] == "<video>\nDescribe the video in one sentence."
+    message = next(r.getMessage() for r in caplog.records if "MSR-VTT" in r.getMessage())
+    assert "the 'split' field (12 videos)" in message and "train 7, val 2, test 3" in message
+    assert "not the standard" in message
+
+
+def test_msrvtt_without_split_field_uses_the_video_number(tmp_path, caplog):
+    numbers = [0, 6512, 6513, 7009, 7010, 9999]
+    videos = [{"video_id": f"video{n}"} if n % 2 else {"video_id": f"video{n}", "id": n} for n in numbers]
+    path, root = _msrvtt(tmp_path, videos=videos)
+    for v in videos:
+        (root / "TrainValVideo" / f"{v['video_id']}.mp4").rename(root / f"{v['video_id']}.mp4")
+    with caplog.at_level(logging.INFO, logger="vision_ft"):
+        got = {s: [r["id"] for r in msrvtt_records(path, root, s)] for s in ("train", "val", "test")}
+    assert got == {"train": ["video0", "video6512"], "val": ["video6513", "video7009"],
+                   "test": ["video7010", "video9999"]}
+    assert any("video number" in r.getMessage() and "(6 videos)" in r.getMessage() for r in caplog.records)
+
+
+def test_msrvtt_full_numbering_is_the_standard_split(tmp_path):
+    videos = [{"video_id": f"video{i}"} for i in range(10000)]
+    path, _ = _msrvtt(tmp_path, videos=videos, sentences=[{"video_id": v["video_id"], "caption": "x"}
+                                                          for v in videos], files=False)
+    splits, captions, rule = read_msrvtt(path)
+    assert Counter(splits.values()) == {"train": 6513, "val": 497, "test": 2990}
+    assert splits["video6512"] == "train" and splits["video6513"] == "val" and splits["video7010"] == "test"
+    assert "video number" in rule and len(captions["video42"]) == 1
+
+
+def test_msrvtt_reads_the_train_val_and_test_files_together(tmp_path):
+    videos = [{"video_id": f"video{i}", "split": s} for i, s in enumerate(MSRVTT_SPLITS)]
+    trainval, root = _msrvtt(tmp_path, videos=videos[:9], name="train_val_videodatainfo.json")
+    test, _ = _msrvtt(tmp_path, videos=videos[9:], name="test_videodatainfo.json")
+    assert [r["id"] for r in msrvtt_records([trainval, test], root, "test")] == ["video9", "video10", "video11"]
+    assert len(msrvtt_records([trainval, test], root, "train")) == 7
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda v, s: v[2].pop("video_id"), r"videodatainfo.json \[videos\]\[2\]: missing 'video_id'"),
+    (lambda v, s: v[4].update(split="dev"), r"\[videos\]\[4\]: video 'video4' has unknown split 'dev'"),
+    (lambda v, s: s[5].pop("caption"), r"\[sentences\]\[5\]: missing 'caption'"),
+    (lambda v, s: s[5].update(video_id="video99"), r"\[sentences\]\[5\]: caption for video 'video99'"),
+    (lambda v, s: s[6].update(caption="  "), r"\[sentences\]\[6\]: empty caption for video 'video3'"),
+    (lambda v, s: s.__setitem__(slice(None), [x for x in s if x["video_id"] != "video5"]),
+     r"1 video\(s\) without captions .*'video5'"),
+    (lambda v, s: v.append(dict(v[0])), r"\[videos\]\[12\]: video 'video0' is listed twice"),
+    (lambda v, s: (v[0].pop("split"), v[0].pop("id"), v[0].update(video_id="clip0")),
+     r"'clip0' has no 'split' and no 'id'"),
+])
+def test_msrvtt_bad_annotations_name_the_file_and_the_entry(tmp_path, change, match):
+    videos = [{"video_id": f"video{i}", "id": i, "split": s} for i, s in enumerate(MSRVTT_SPLITS)]
+    sentences = [{"video_id": v["video_id"], "caption": f"caption {k}"} for v in videos for k in range(2)]
+    change(videos, sentences)
+    path, root = _msrvtt(tmp_path, videos=videos, sentences=sentences, files=False)
+    with pytest.raises(DataError, match=match):
+        msrvtt_records(path, root, "train")
+
+
+def test_msrvtt_missing_videos_are_an_error_or_left_out(tmp_path, caplog):
+    path, root = _msrvtt(tmp_path)
+    (root / "TrainValVideo" / "video4.mp4").unlink()
+    with pytest.raises(DataError, match=r"1 video\(s\) not found under .*\['video4'\].*missing='skip'"):
+        msrvtt_records(path, root, "train")
+    with caplog.at_level(logging.WARNING, logger="vision_ft"):
+        kept = msrvtt_records(path, root, "train", missing="skip")
+    assert [r["id"] for r in kept] == ["video0", "video1", "video2", "video3", "video5", "video6"]
+    assert any("left out" in r.getMessage() for r in caplog.records)
+    assert len(msrvtt_records(path, root, "test")) == 3  # other splits do not need video4
+    with pytest.raises(ConfigError, match="split='dev'"):
+        msrvtt_records(path, root, "dev")
+    with pytest.raises(DataError, match="video folder not found"):
+        msrvtt_records(path, tmp_path / "nowhere", "train")
+
+
+def test_a_video_folder_of_frames_counts_and_a_duplicate_is_an_error(tmp_path):
+    path, root = _msrvtt(tmp_path)
+    (root / "TrainValVideo" / "video1.mp4").unlink()
+    (root / "frames" / "video1").mkdir(parents=True)
+    (root / "frames" / "video1" / "000.jpg").write_bytes(b"")
+    assert msrvtt_records(path, root, "train")[1]["video"] == "frames/video1"
+    (root / "video2.avi").write_bytes(b"")
+    with pytest.raises(DataError, match="'video2' is there twice"):
+        msrvtt_records(path, root, "train")
+
+
+# --- MSVD ------------------------------------------------------------------------------------------
+
+# code-point order (what the literature's youtube_mapping.txt follows), written out by hand:
+# '-' < digits < upper case < '_' < lower case, and "215" < "21_"
+MSVD_ORDER = ["-Yx_1_3", "-_hb_18_25", "0lh_UWF9ZP4_215_226", "0lh_UWF9ZP4_21_26", "9q_4_8", "A_1_2",
+              "Zz9_1_2", "_aa_3_4", "aB_0_1", "ab_0_1", "ab_10_2", "zz_7_9"]
+SIZES = (6, 2, 4)
+
+
+def _msvd(tmp_path, clips=MSVD_ORDER, files=True):
+    shuffled = clips[5:] + clips[:5][::-1]
+    lines = ["# MSVD-style descriptions", ""]
+    for k in range(3):
+        lines += [f"{c} {c} does thing {k}." for c in shuffled]
+    path = tmp_path / "AllVideoDescriptions.txt"
+    path.write_text("\n".join(lines) + "\n")
+    root = tmp_path / "YouTubeClips"
+    root.mkdir(exist_ok=True)
+    if files:
+        for c in clips:
+            (root / f"{c}.avi").write_bytes(b"")
+    return path, root
+
+
+def test_msvd_split_follows_sorted_clip_names(tmp_path):
+    path, root = _msvd(tmp_path)
+    got = {s: msvd_records(path, root, s, sizes=SIZES) for s in ("train", "val", "test")}
+    assert [r["id"] for r in got["train"]] == MSVD_ORDER[:6]
+    assert [r["id"] for r in got["val"]] == MSVD_ORDER[6:8]
+    assert [r["id"] for r in got["test"]] == MSVD_ORDER[8:]
+    rec = got["val"][0]
+    assert rec["video"] == "Zz9_1_2.avi"
+    assert rec["references"] == [f"Zz9_1_2 does thing {k}." for k in range(3)]
+    assert rec["conversations"][1] == {"from": "gpt", "value": "Zz9_1_2 does thing 0."}
+
+
+def test_msvd_needs_the_standard_count_or_a_mapping(tmp_path):
+    path, root = _msvd(tmp_path)
+    with pytest.raises(DataError, match=r"12 clips .* 1200/100/670 needs 1970"):
+        msvd_records(path, root, "train")
+    # the published mapping file decides when given: here the reverse of the sorted order
+    mapping = tmp_path / "youtube_mapping.txt"
+    mapping.write_text("".join(f"{c} vid{i}\n" for i, c in enumerate(reversed(MSVD_ORDER), 1)))
+    assert [r["id"] for r in msvd_records(path, root, "val", mapping=mapping, sizes=SIZES)] == ["A_1_2", "9q_4_8"]
+    mapping.write_text(mapping.read_text() + "zz_new_clip_1_2 vid13\n")
+    with pytest.raises(DataError, match=r"1 mapped clip\(s\) have no captions .*zz_new_clip_1_2"):
+        msvd_records(path, root, "val", mapping=mapping, sizes=SIZES)
+
+
+def test_msvd_clips_without_video_can_be_left_out_before_the_split(tmp_path):
+    path, root = _msvd(tmp_path, clips=MSVD_ORDER + ["0000_1_2"])
+    (root / "0000_1_2.avi").unlink()
+    with pytest.raises(DataError, match=r"1 video\(s\) not found .*0000_1_2"):
+        msvd_records(path, root, "train", sizes=SIZES)
+    assert [r["id"] for r in msvd_records(path, root, "train", sizes=SIZES, missing="skip")] == MSVD_ORDER[:6]
+
+
+def test_msvd_csv_keeps_english_descriptions(tmp_path):
+    csv_path = tmp_path / "video_corpus.csv"
+    rows = ["VideoID,Start,End,WorkerID,Source,AnnotationTime,Language,Description"]
+    for c in MSVD_ORDER:
+        vid, start, end = c.rsplit("_", 2)
+        rows += [f"{vid},{start},{end},1,clean,10,English,\"{c}, in English\"",
+                 f"{vid},{start},{end},2,clean,12,German,{c} auf Deutsch"]
+    csv_path.write_text("\n".join(rows) + "\n")
+    _, root = _msvd(tmp_path)
+    recs = msvd_records(csv_path, root, "test", sizes=SIZES)
+    assert [r["id"] for r in recs] == MSVD_ORDER[8:]
+    assert recs[0]["references"] == ["aB_0_1, in English"]
+    csv_path.write_text("VideoID,Start,Description\nabc,1,x\n")
+    with pytest.raises(DataError, match=r"video_corpus.csv: missing column\(s\) \['End'\]"):
+        msvd_records(csv_path, root, "test", sizes=SIZES)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("abc_1_2", r"AllVideoDescriptions.txt:4: expected '<clip> <caption>'"),
+    ("abc a caption", r"AllVideoDescriptions.txt:4: clip name 'abc' is not <youtube id>_<start>_<end>"),
+])
+def test_msvd_bad_lines_name_the_file_and_line(tmp_path, line, match):
+    path = tmp_path / "AllVideoDescriptions.txt"
+    path.write_text(f"# comment\n\nxyz_1_2 fine caption\n{line}\n")
+    (tmp_path / "v").mkdir()
+    with pytest.raises(DataError, match=match):
+        msvd_records(path, tmp_path / "v", "train", sizes=(1, 0, 0))
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+def test_convert_writes_three_jsonl_files_the_conversation_reader_accepts(tmp_path):
+    path, root = _msrvtt(tmp_path)
+    out = convert_captions("msrvtt", path, root, tmp_path / "jsonl")
+    assert {s: p.name for s, p in out.items()} == {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"}
+    lines = {s: [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()] for s, p in out.items()}
+    assert lines["val"] == msrvtt_records(path, root, "val")
+    assert [len(v) for v in lines.values()] == [7, 2, 3]
+    from vision_ft.data import conversations
+    if "videos" not in getattr(conversations.Conversation, "__dataclass_fields__", {}):
+        pytest.skip("this conversation reader has no video support yet")
+    convs, skipped = conversations.read_records(out["train"], image_root=root)
+    assert not skipped and convs[3].videos == [root / "TrainValVideo" / "video3.mp4"]
+    assert convs[3].references == [f"video3 caption {k}" for k in range(20)]
+
+
+def test_write_jsonl_keeps_unicode_and_one_record_per_line(tmp_path):
+    recs = [cd.caption_record("v1", "v1.mp4", ["un café, s'il vous plaît"]), cd.caption_record("v2", "v2.mp4", ["b"])]
+    path = write_jsonl(recs, tmp_path / "sub" / "x.jsonl")
+    text = path.read_text(encoding="utf-8")
+    assert "café" in text and text.count("\n") == 2
+    assert [json.loads(x) for x in text.splitlines()] == recs

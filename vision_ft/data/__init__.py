@@ -11,6 +11,8 @@
 - :class:`COCODetectionData`: COCO ``instances_*.json`` + images for detection (ids remapped, box-safe augmentation).
 - :class:`InstructionData`: instruction / chat JSONL for causal-LM SFT (label masks, packing) + an MCQ test file.
 - :func:`read_mcq`, :class:`MCQItem`: TeleQnA-style multiple-choice questions (JSON, JSONL, AES zip).
+- :func:`msrvtt_records`, :func:`msvd_records`, :func:`convert_captions`: MSR-VTT / MSVD captions as video
+  conversation records (standard splits), written as JSONL for :class:`ConversationData`.
 - :class:`CaptionedImageData`: images with captions (``metadata.jsonl`` or ``.txt``) for text-to-image tasks.
 - :class:`OODData`: an in-distribution classification datamodule + OOD image folders (tagged test loader).
 - :mod:`vision_ft.data.medical` (extra ``medical``): DICOM files/series and NIfTI volumes as images,
@@ -18,6 +20,7 @@
 """
 
 from .base import ClassificationData, EpochShuffleSampler, ResumableDataLoader, train_loader
+from .caption_datasets import convert_captions, msrvtt_records, msvd_records
 from .captioned import CaptionedImageData
 from .coco import CategoryMap, COCODetectionData, coco_to_cxcywh, cxcywh_to_coco
 from .domain_generalisation import DomainFolderData, write_domain_sample
@@ -46,6 +49,9 @@ __all__ = [
     "split_videos",
     "write_video",
     "ArraySamples",
+    "convert_captions",
+    "msrvtt_records",
+    "msvd_records",
     "CaptionedImageData",
     "COCODetectionData",
     "CSVManifestData",
