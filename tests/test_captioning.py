@@ -157,6 +157,13 @@ def test_ptb_tokenizer_is_used_when_java_is_found():
     assert s["rouge_l"] < 1.0 and s["bleu4"] > 0.0
 
 
+@pytest.mark.parametrize("tokenizer", [pytest.param("ptb", marks=needs_java), "simple"])
+def test_empty_and_multi_line_predictions_are_scored(tokenizer):
+    refs = {"a": ["a man runs"], "b": ["a dog barks"], "c": ["a cat sleeps"]}
+    s = caption_scores({"a": "a man\r\nruns", "b": "...", "c": ""}, refs, metrics=("rouge_l",), tokenizer=tokenizer)
+    assert s["rouge_l"] == pytest.approx(1 / 3)  # "a" is exact; nothing is left of "b" and "c"
+
+
 def test_without_java_meteor_is_skipped_and_the_rest_computed(monkeypatch, caplog):
     _no_java(monkeypatch)
     refs = {"a": ["A man is slicing a tomato."], "b": ["Two dogs run across the green field!"]}

@@ -74,6 +74,8 @@ def simple_tokenize(text: str) -> str:
 
 
 def _tokenize(texts: dict[Any, list[str]], how: str) -> dict[Any, list[str]]:
+    # one line per caption: the PTB tokenizer runs line by line, and a \r or \u2028 would start a new one
+    texts = {k: [" ".join(t.split()) for t in v] for k, v in texts.items()}
     if how == "simple":
         return {k: [simple_tokenize(t) for t in v] for k, v in texts.items()}
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
