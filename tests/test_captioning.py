@@ -437,11 +437,12 @@ def test_msvd_csv_keeps_english_descriptions(tmp_path):
 
 @pytest.mark.parametrize("line, match", [
     ("abc_1_2", r"AllVideoDescriptions.txt:4: expected '<clip> <caption>'"),
+    ("abc_1_2 caf\xe9", r"AllVideoDescriptions.txt:4: not UTF-8 text \(byte 43"),
     ("abc a caption", r"AllVideoDescriptions.txt:4: clip name 'abc' is not <youtube id>_<start>_<end>"),
 ])
 def test_msvd_bad_lines_name_the_file_and_line(tmp_path, line, match):
     path = tmp_path / "AllVideoDescriptions.txt"
-    path.write_text(f"# comment\n\nxyz_1_2 fine caption\n{line}\n")
+    path.write_bytes(f"# comment\n\nxyz_1_2 fine caption\n{line}\n".encode("latin-1"))
     (tmp_path / "v").mkdir()
     with pytest.raises(DataError, match=match):
         msvd_records(path, tmp_path / "v", "train", sizes=(1, 0, 0))

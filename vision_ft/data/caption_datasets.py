@@ -25,6 +25,7 @@ Splits (the captioning literature's):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -73,11 +74,20 @@ def _check_split(split: str) -> None:
         raise ConfigError(f"split={split!r}: choose one of {list(SPLITS)}")
 
 
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
+
+
 def _load_json(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"{path}: no such annotation file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
@@ -242,7 +252,7 @@ def read_msvd(descriptions: str | Path) -> dict[str, list[str]]:
         raise DataError(f"{path}: no such descriptions file")
     captions: dict[str, list[str]] = {}
     if path.suffix.lower() == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
+        with io.StringIO(_read_text(path), newline="") as f:
             reader = csv.DictReader(f)
             columns = set(reader.fieldnames or ())
             need = [c for c in ("VideoID", "Start", "End", "Description") if c not in columns]
@@ -263,7 +273,7 @@ def read_msvd(descriptions: str | Path) -> dict[str, list[str]]:
                     raise DataError(f"{where}: empty English description for {row['VideoID']}")
                 captions.setdefault(f"{row['VideoID']}_{start}_{end}", []).append(text)
     else:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -283,7 +293,7 @@ def _read_mapping(mapping: str | Path) -> dict[str, int]:
     if not path.is_file():
         raise DataError(f"{path}: no such mapping file")
     out: dict[str, int] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         m = _MAPPING_LINE.match(line.strip())
