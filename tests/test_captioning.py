@@ -1,7 +1,7 @@
 """Caption metrics (pycocoevalcap: BLEU-4, METEOR, ROUGE-L, CIDEr-D) and the MSR-VTT / MSVD readers.
 
-CIDEr is checked against a CIDEr-D written here from the paper's definition (Vedantam et al. 2015,
-Sec. 8), not against pycocoevalcap's own numbers."""
+CIDEr is checked against a CIDEr-D written here from the paper's definition (Vedantam et al., CVPR
+2015), not against pycocoevalcap's own numbers."""
 
 from __future__ import annotations
 
@@ -12,12 +12,19 @@ from collections import Counter
 
 import pytest
 
+from vision_ft.data import caption_datasets as cd
+from vision_ft.data.caption_datasets import convert_captions, msrvtt_records, msvd_records, read_msrvtt, write_jsonl
 from vision_ft.errors import ConfigError, DataError
 from vision_ft.metrics import captioning
 from vision_ft.metrics.captioning import CaptionScores, caption_scores, simple_tokenize
 
 FAST = ("bleu4", "rouge_l", "cider")  # METEOR starts a JVM for ~10 s: only the slow test runs it
-needs_java = pytest.mark.skipif(captioning.find_java() is None, reason="no java on the PATH")
+_no_java_here = pytest.mark.skipif(captioning.find_java() is None, reason="no java on the PATH")
+
+
+def needs_java(test):
+    """Skipped without Java; the JVM it starts gets a time limit."""
+    return pytest.mark.timeout(120)(_no_java_here(test))
 
 
 def _no_java(monkeypatch):
@@ -157,7 +164,7 @@ def test_ptb_tokenizer_is_used_when_java_is_found():
     assert s["rouge_l"] < 1.0 and s["bleu4"] > 0.0
 
 
-@pytest.mark.parametrize("tokenizer", [pytest.param("ptb", marks=needs_java), "simple"])
+@pytest.mark.parametrize("tokenizer", [pytest.param("ptb", marks=[_no_java_here, pytest.mark.timeout(120)]), "simple"])
 def test_empty_and_multi_line_predictions_are_scored(tokenizer):
     refs = {"a": ["a man runs"], "b": ["a dog barks"], "c": ["a cat sleeps"]}
     s = caption_scores({"a": "a man\r\nruns", "b": "...", "c": ""}, refs, metrics=("rouge_l",), tokenizer=tokenizer)
@@ -231,11 +238,6 @@ def test_meteor_runs_with_java():
 
 
 # === MSR-VTT and MSVD readers ======================================================================
-
-from vision_ft.data import caption_datasets as cd  # noqa: E402
-from vision_ft.data.caption_datasets import (  # noqa: E402
-    convert_captions, msrvtt_records, msvd_records, read_msrvtt, write_jsonl,
-)
 
 # 12 fake MSR-VTT videos: 7 train, 2 validate, 3 test; video3 has 20 captions
 MSRVTT_SPLITS = ["train"] * 7 + ["validate"] * 2 + ["test"] * 3

@@ -3,8 +3,9 @@ evaluation code) with its PTB tokenizer, every reference of a video at once.
 
 - ``bleu4``: BLEU with up to 4-grams, corpus level, brevity penalty from the closest reference length.
 - ``meteor``: METEOR 1.5 (English, normalised), corpus level; runs ``meteor-1.5.jar``.
-- ``rouge_l``: ROUGE-L F-measure (beta 1.2) against the best-matching reference, averaged over videos.
-- ``cider``: pycocoevalcap's ``Cider``, which is CIDEr-D (Vedantam et al., CVPR 2015, Sec. 4 and 8):
+- ``rouge_l``: ROUGE-L F-measure (beta 1.2) from the best LCS precision and the best LCS recall over the
+  references, averaged over videos.
+- ``cider``: pycocoevalcap's ``Cider``, which is CIDEr-D (Vedantam et al., CVPR 2015):
   tf-idf weighted n-gram vectors (n = 1..4, raw n-gram counts, idf = log(#videos / #videos whose
   references hold the n-gram), so it depends on the whole evaluated corpus), candidate counts clipped
   by the reference's, a Gaussian length penalty (sigma 6), averaged over n and references, times 10.
