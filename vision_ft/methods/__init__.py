@@ -15,6 +15,7 @@ from .local_prompt import LocalPrompt
 from .lora import LoRA
 from .mosa import MoSA
 from .pego import PEGO
+from .q_adapter import QAdapter
 from .registry import build_method, get_method_class, register, registered, unregister
 from .sara import SaRA
 from .snell import SNELL
@@ -26,5 +27,5 @@ __all__ = [
     "Method", "has_prefix", "register", "registered", "unregister", "build_method",
     "get_method_class", "LinearProbe", "FullFineTuning", "SSF", "LoRA", "DRTune",
     "Adapter", "AdaptFormer", "MoSA", "SNELL", "PEGO", "SPTLoRA", "SPTAdapter",
-    "CLIPLoRA", "CoOp", "CompLoRA", "BlockLoRA", "LocalPrompt", "SaRA", "TICFT",
+    "CLIPLoRA", "CoOp", "CompLoRA", "BlockLoRA", "LocalPrompt", "SaRA", "TICFT", "QAdapter",
 ]
