@@ -2,6 +2,7 @@
 
 from .base import ROLES, Backbone, WeightRef
 from .causal_lm import CausalLM
+from .cogvideox import CogVideoX
 from .dfine import DFineDetector
 from .hf_clip import HFCLIP
 from .open_clip import OpenCLIP
@@ -10,4 +11,4 @@ from .timm_vit import TINY_PRESETS, TimmViT
 from .video_diffusion import WanVideo
 from .vlm import VisionLanguageModel
 
-__all__ = ["ROLES", "Backbone", "CausalLM", "DFineDetector", "HFCLIP", "OpenCLIP", "StableDiffusion", "TimmViT", "TINY_PRESETS", "VisionLanguageModel", "WanVideo", "WeightRef"]
+__all__ = ["ROLES", "Backbone", "CausalLM", "CogVideoX", "DFineDetector", "HFCLIP", "OpenCLIP", "StableDiffusion", "TimmViT", "TINY_PRESETS", "VisionLanguageModel", "WanVideo", "WeightRef"]

@@ -83,6 +83,36 @@ def latent_frame_count(pixel_frames: int, temporal_factor: int = 4, key: str = "
     return (n - 1) // temporal_factor + 1
 
 
+def video_to_vae_input(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Frames (B, F, 3, H, W) in [0, 1] -> a video VAE's input (B, 3, F, height, width) in [-1, 1]."""
+    if frames.dim() != 5 or frames.shape[2] != 3:
+        raise ConfigError(f"video frames must be (B, F, 3, H, W) in [0, 1], got {tuple(frames.shape)}")
+    b, f = frames.shape[:2]
+    x = frames.reshape(b * f, *frames.shape[2:])
+    if x.shape[-2:] != (height, width):
+        x = nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return (x * 2.0 - 1.0).reshape(b, f, 3, height, width).permute(0, 2, 1, 3, 4)
+
+
+def write_lora_file(pipeline_cls: Any, out_dir: str | Path, layers: dict[str, torch.Tensor]) -> Path:
+    """``pytorch_lora_weights.safetensors`` for ``pipeline_cls.load_lora_weights`` from
+    :meth:`~vision_ft.methods.Method.lora_layers` (keys ``transformer.<module>.lora_A/B.weight``; scaling
+    folded into ``lora_B``, so the file's alpha is its rank)."""
+    ranks = {k.rsplit(".lora_A", 1)[0]: v.shape[0] for k, v in layers.items() if ".lora_A." in k}
+    if not ranks:
+        raise ConfigError("no LoRA factors to write")
+    r = max(ranks.values())
+    metadata = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks),
+                "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+                "alpha_pattern": {k: v for k, v in ranks.items() if v != r}}
+    state = {k: v.detach().float().contiguous() for k, v in layers.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline_cls.save_lora_weights(str(out), transformer_lora_layers=state, safe_serialization=True,
+                                   transformer_lora_adapter_metadata=metadata)
+    return out / "pytorch_lora_weights.safetensors"
+
+
 class WanVideo(Backbone):
     """A Wan 2.1 text-to-video pipeline; methods adapt the transformer.
 
@@ -267,14 +297,7 @@ class WanVideo(Backbone):
 
     def preprocess_video(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (B, F, 3, H, W) in [0, 1] -> the VAE's input (B, 3, F, height, width) in [-1, 1]."""
-        if frames.dim() != 5 or frames.shape[2] != 3:
-            raise ConfigError(f"video frames must be (B, F, 3, H, W) in [0, 1], got {tuple(frames.shape)}")
-        b, f = frames.shape[:2]
-        x = frames.reshape(b * f, *frames.shape[2:])
-        if x.shape[-2:] != (self.height, self.width):
-            x = nn.functional.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False,
-                                          antialias=True)
-        return (x * 2.0 - 1.0).reshape(b, f, 3, self.height, self.width).permute(0, 2, 1, 3, 4)
+        return video_to_vae_input(frames, self.height, self.width)
 
     @torch.no_grad()
     def posterior(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,6 +348,23 @@ class WanVideo(Backbone):
         """The scheduler's shift ``s' = shift s / (1 + (shift - 1) s)`` (identity at shift 1)."""
         k = self.flow_shift
         return sigmas if k == 1.0 else k * sigmas / (1 + (k - 1) * sigmas)
+
+    def train_levels(self, n: int, device: torch.device, logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+        """``n`` training noise levels: logit-normal (Esser et al. 2024, eq. 19, diffusers'
+        ``compute_density_for_timestep_sampling``), then shifted as the sampler's levels are."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=logit_mean, logit_std=logit_std,
+                                                  device=device)
+        return self.shift_sigmas(u)
+
+    def val_levels(self, count: int) -> list[float]:
+        """``count`` fixed validation levels: the middles of ``count`` equal bins, shifted."""
+        return [float(self.shift_sigmas(torch.tensor((k + 0.5) / count))) for k in range(count)]
+
+    def loss_weights(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights: 1 (plain flow-matching MSE)."""
+        return torch.ones_like(sigmas)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, frame_sigmas: torch.Tensor) -> torch.Tensor:
         """``(1 - s) x_0 + s eps`` with a level per sample and frame (``frame_sigmas`` (B, F)); a frame at level 0
@@ -406,16 +446,4 @@ class WanVideo(Backbone):
         (scaling folded into ``lora_B``, so the file's alpha is its rank)."""
         from diffusers import WanPipeline
 
-        ranks = {k.rsplit(".lora_A", 1)[0]: v.shape[0] for k, v in layers.items() if ".lora_A." in k}
-        if not ranks:
-            raise ConfigError("no LoRA factors to write")
-        r = max(ranks.values())
-        metadata = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks),
-                    "rank_pattern": {k: v for k, v in ranks.items() if v != r},
-                    "alpha_pattern": {k: v for k, v in ranks.items() if v != r}}
-        state = {k: v.detach().float().contiguous() for k, v in layers.items()}
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        WanPipeline.save_lora_weights(str(out), transformer_lora_layers=state, safe_serialization=True,
-                                      transformer_lora_adapter_metadata=metadata)
-        return out / "pytorch_lora_weights.safetensors"
+        return write_lora_file(WanPipeline, out_dir, layers)

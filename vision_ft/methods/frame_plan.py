@@ -1,8 +1,9 @@
 """How a video diffusion task lays out one clip on the latent time axis: clean condition frames, buffer frames
 held at bounded noise levels, and target frames (what :meth:`~vision_ft.methods.Method.in_context_plan` returns).
 
-Noise levels are in the flow-matching ``sigma`` space (0 = clean, 1 = pure noise). For one sample with noise
-level ``sigma`` (the target's) a frame is at
+Noise levels are on the backbone's level axis, 0 = clean, 1 = pure noise: the flow-matching ``sigma`` (Wan,
+timestep ``1000 sigma``), or the timestep fraction ``(t + 1) / T`` of a DDPM schedule (CogVideoX). For one
+sample with noise level ``sigma`` (the target's) a frame is at
 
 - ``0`` when it is a condition frame (the latent stays ``x_0``),
 - ``min(sigma, tau_k)`` when it is buffer ``k``,

@@ -16,14 +16,15 @@ The transformer gets one scalar timestep per sample (the target's) and the loss 
 the target latents only, so gradients at condition and buffer positions are zero. At inference the condition
 is encoded, each buffer is noised to its ``tau_k``, the target starts from pure noise, and at every sampler
 step the prediction is zeroed at the condition frames, and at buffer ``k`` while the step's level exceeds
-``tau_k`` (the video diffusion task does this; for Wan's flow-matching Euler a zero velocity leaves the frame
-unchanged).
+``tau_k`` (the video diffusion task and backbone do this: for Wan's flow-matching Euler a zero velocity leaves
+the frame unchanged; CogVideoX's DDIM step would move it, so the held frames are re-injected after each step).
 
-Defaults are the paper's: 3 buffers at ``tau = (0.25, 0.5, 0.75)`` in ``sigma`` space, i.e.
-``k / (B + 1)``; any number of buffers (0 included) and levels can be set. Its I2V setting "c1b3t9" (49 pixel
+Defaults are the paper's: 3 buffers at ``tau = (0.25, 0.5, 0.75)``, i.e. ``k / (B + 1)``, on the backbone's
+level axis (Wan: the flow-matching ``sigma``; CogVideoX: the timestep fraction ``(t + 1) / T``, so the levels
+are the paper's ``t = 249, 499, 749`` there); any number of buffers (0 included) and levels can be set. Its I2V setting "c1b3t9" (49 pixel
 frames = 13 condition frames, one image repeated, + 36 target frames -> 1 + 3 + 9 latents) follows from the
-data. The paper's public code hard-codes three buffers and defines the levels on the timestep axis; here
-they are a config and in ``sigma`` space, as the paper writes them.
+data. The paper's public code hard-codes three buffers; here the count and the levels are a config, in the
+level space the paper writes them in.
 
 TIC-FT changes the noising and the loss, not the weights: the weights are trained by ``adapter``, any
 registered method (default ``lora``; the paper: LoRA r = alpha = 128 on ``to_q, to_k, to_v, to_out.0``,
@@ -57,8 +58,9 @@ class TICFT(Method):
 
     Args:
         buffers: buffer latents between condition and target (3 in the paper; 0 = none).
-        taus: buffer noise levels in ``sigma`` space, one per buffer, each in (0, 1), listed from the
-            condition side (default ``k / (buffers + 1)``: 0.25, 0.5, 0.75 for three).
+        taus: buffer noise levels (the backbone's level axis: Wan's ``sigma``, CogVideoX's timestep fraction),
+            one per buffer, each in (0, 1), listed from the condition side (default ``k / (buffers + 1)``:
+            0.25, 0.5, 0.75 for three).
         adapter: the weight method, a registered name or ``{class_path, init_args}`` (default ``lora`` with
             its defaults; the paper: ``{class_path: vision_ft.methods.LoRA, init_args: {r: 128, alpha: 128}}``).
     """
@@ -79,7 +81,7 @@ class TICFT(Method):
         if len(levels) != self.buffers:
             raise ConfigError(f"{_KEY}.taus has {len(levels)} levels for buffers={self.buffers}: give one per buffer")
         if any(not 0.0 < float(t) < 1.0 for t in levels):
-            raise ConfigError(f"{_KEY}.taus={levels}: each buffer level must be in (0, 1) (sigma space)")
+            raise ConfigError(f"{_KEY}.taus={levels}: each buffer level must be in (0, 1) (0 = clean, 1 = pure noise)")
         self.taus = [float(t) for t in levels]
         inner = build_method(adapter)
         if isinstance(inner, TICFT):

@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..backbones import Backbone
@@ -49,7 +48,7 @@ class VideoDiffusionTask(BaseTask):
     Args:
         backbone: the video diffusion backbone.
         method: registered method (``tic_ft``: in-context condition -> target; ``lora``: plain).
-        logit_mean, logit_std: the logit-normal draw of the training noise level (0, 1: SD3's default).
+        logit_mean, logit_std: the logit-normal draw of Wan's training noise level (0, 1: SD3's default).
         caption_dropout: probability of training a sample with the empty prompt.
         cache: keep the VAE posterior of each clip (by content) and the embedding of each prompt in memory, so
             repeated epochs skip the frozen encoders (exact: the posterior is still sampled).
@@ -165,22 +164,18 @@ class VideoDiffusionTask(BaseTask):
         return frames, context
 
     # --- loss ----------------------------------------------------------------------------------
-    def train_sigmas(self, n: int, device: torch.device) -> torch.Tensor:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=self.logit_mean,
-                                                  logit_std=self.logit_std, device=device)
-        return self.backbone.shift_sigmas(u)
-
     def flow_loss(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor,
                   plan: FramePlan) -> torch.Tensor:
-        """MSE to ``eps - x_0`` on the plan's target latents, frames noised to the plan's levels."""
+        """MSE to the backbone's training target (Wan: the velocity ``eps - x_0``) on the plan's target latents,
+        frames noised to the plan's levels, weighted per sample as the backbone's recipe says (Wan: 1)."""
         b = self.backbone
         noisy = b.add_noise(latents, noise, plan.frame_sigmas(sigmas))
         pred = b.denoise(noisy, b.timesteps(sigmas), text)
         keep = plan.target_mask().nonzero().flatten().to(latents.device)
         target = b.training_target(latents, noise)
-        return F.mse_loss(pred.index_select(b.frame_dim, keep).float(), target.index_select(b.frame_dim, keep).float())
+        err = (pred.index_select(b.frame_dim, keep).float() - target.index_select(b.frame_dim, keep).float()) ** 2
+        per_sample = err.mean(dim=list(range(1, err.dim())))
+        return (per_sample * b.loss_weights(sigmas).to(per_sample)).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         prompts = list(batch["prompt"])
@@ -190,7 +185,8 @@ class VideoDiffusionTask(BaseTask):
         frames, context = self.clip(batch)
         latents = self.latents(frames)
         plan = self.plan(context, latents.shape[self.backbone.frame_dim])
-        sigmas = self.train_sigmas(latents.shape[0], latents.device).to(latents.dtype)
+        sigmas = self.backbone.train_levels(latents.shape[0], latents.device, self.logit_mean,
+                                            self.logit_std).to(latents.dtype)
         loss = self.flow_loss(latents, torch.randn_like(latents), sigmas, self.text(prompts), plan)
         loss = self.add_regularizers(loss, {"inputs": None, "logits": None, "features": None}, batch)
         loss = self.checked_loss(loss)
@@ -206,8 +202,7 @@ class VideoDiffusionTask(BaseTask):
         plan = self.plan(context, latents.shape[self.backbone.frame_dim])
         text = self.text(list(batch["prompt"]))
         losses = []
-        for k in range(self.val_sigmas):
-            sigma = self.backbone.shift_sigmas(torch.tensor((k + 0.5) / self.val_sigmas))
+        for k, sigma in enumerate(self.backbone.val_levels(self.val_sigmas)):
             noise = fixed_noise(latents.shape, self.seed, batch_idx, k).to(latents.device, latents.dtype)
             sigmas = torch.full((latents.shape[0],), float(sigma), device=latents.device, dtype=latents.dtype)
             losses.append(self.flow_loss(latents, noise, sigmas, text, plan))
