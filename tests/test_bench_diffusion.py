@@ -6,7 +6,7 @@ import json
 def test_bench_diffusion_quick_rows_and_sparse_state(tmp_path, capsys):
     from vision_ft.bench import cmd_bench
 
-    assert cmd_bench(["diffusion", "--quick", "--out", str(tmp_path)]) == 0
+    assert cmd_bench(["diffusion", "--quick", "--part", "image", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_diffusion.json").read_text())
     rows = result["rows"]
     assert set(rows) == {"lora", "sara", "full"}

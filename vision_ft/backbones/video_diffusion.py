@@ -66,8 +66,9 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
 #: a mid-size random transformer for ``bench diffusion`` video rows (tiny VAE and text tower)
 TINY_PRESETS["wan_bench_mid"] = {
     **TINY_PRESETS["wan_test_tiny"],
-    "transformer": dict(TINY_PRESETS["wan_test_tiny"]["transformer"], num_attention_heads=4, attention_head_dim=32,
-                        ffn_dim=512, num_layers=4),
+    "transformer": dict(TINY_PRESETS["wan_test_tiny"]["transformer"], num_attention_heads=4, attention_head_dim=64,
+                        ffn_dim=1024, num_layers=8),
+    "size": 64,
 }
 #: released checkpoints (``pretrained: true`` or their local pipeline folder)
 HUB_IDS = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers")

@@ -4,6 +4,7 @@ Diffusion UNet, side by side.
     python -m vision_ft bench diffusion                  # sd_bench_mid UNet, batch 2, 32 x 32 latents
     python -m vision_ft bench diffusion --quick          # tiny UNet, one timed round (what the tests run)
     python -m vision_ft bench diffusion --methods lora sara --json
+    python -m vision_ft bench diffusion --part video     # only the video rows (vision_ft.bench.video_diffusion)
 
 The training step is the text-to-image one on the UNet alone (random latents and text embeddings: the
 frozen VAE and text encoder cost the same for every method): ``add_noise`` at random timesteps, the
@@ -13,7 +14,8 @@ per method in a fresh process (peak RSS during the steps minus the RSS after bui
 counted from the tensors themselves: trainable values, AdamW moments, and SaRA's mask indices apart.
 
 Goals: LoRA step <= 0.75x full fine-tuning; SaRA's optimiser-held bytes (trained values + AdamW moments)
-<= 1.2 x (12 bytes x its trainable count).
+<= 1.2 x (12 bytes x its trainable count). The video rows (TIC-FT + LoRA vs plain LoRA on a random Wan
+transformer, buffer counts 0, 1, 3) are :mod:`vision_ft.bench.video_diffusion`'s, in the result's ``video``.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def run(methods: list[str], backbone: str, rank: int, batch_size: int, warmup: i
 def _peak_in_fresh_process(name: str, backbone: str, rank: int, batch_size: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "vision_ft.bench.diffusion", "--child", name, "--backbone", backbone,
            "--rank", str(rank), "--batch-size", str(batch_size)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
     lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -199,28 +201,61 @@ def cmd_diffusion(argv: list[str]) -> int:
     p.add_argument("--out", default="runs/bench", help="folder for bench_diffusion.json")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quick", action="store_true", help="tiny UNet, one timed round, no fresh processes")
+    p.add_argument("--part", choices=("all", "image", "video"), default="all",
+                   help="image rows (Stable Diffusion UNet), video rows (Wan transformer, TIC-FT) or both")
+    p.add_argument("--video-backbone", default=None, help="a WanVideo preset for the video rows (default wan_bench_mid)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for this command and its fresh processes (default: torch's own count; 1 is "
+                        "steadier on a shared machine)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-video", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    quick = dict(backbone="sd_test_tiny", batch_size=2, warmup=1, repeats=1, rss=False)
-    full = dict(backbone="sd_bench_mid", batch_size=2, warmup=1, repeats=3, rss=True)
+    quick = dict(backbone="sd_test_tiny", video_backbone="wan_test_tiny", batch_size=2, warmup=1, repeats=1,
+                 rss=False)
+    full = dict(backbone="sd_bench_mid", video_backbone="wan_bench_mid", batch_size=2, warmup=1, repeats=3, rss=True)
     preset = quick if a.quick else full
     args = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in preset.items()}
-    if args["batch_size"] < 1 or args["repeats"] < 1 or a.rank < 1:
-        raise ConfigError("bench diffusion: --batch-size, --rank and --repeats must be >= 1")
+    if args["batch_size"] < 1 or args["repeats"] < 1 or a.rank < 1 or (a.threads is not None and a.threads < 1):
+        raise ConfigError("bench diffusion: --batch-size, --rank, --repeats and --threads must be >= 1")
+    threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        return _diffusion(a, argv, args)
+    finally:
+        torch.set_num_threads(threads)  # --threads applies to this command only
+
+
+def _diffusion(a: argparse.Namespace, argv: list[str], args: dict[str, Any]) -> int:
+    from . import video_diffusion as video
+
     if a.child:
         print(json.dumps(measure_peak(a.child, args["backbone"], a.rank, args["batch_size"], 2)))
         return 0
+    if a.child_video:
+        print(json.dumps(video.measure_peak(a.child_video, args["video_backbone"], a.rank, args["batch_size"], 2)))
+        return 0
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.json else print
     started = time.time()
-    result = run(a.methods, args["backbone"], a.rank, args["batch_size"], args["warmup"], args["repeats"], args["rss"],
-                 log=log)
+    result: dict[str, Any] = {}
+    if a.part in ("all", "image"):
+        result = run(a.methods, args["backbone"], a.rank, args["batch_size"], args["warmup"], args["repeats"],
+                     args["rss"], log=log)
+    if a.part in ("all", "video"):
+        result["video"] = video.run(args["video_backbone"], a.rank, args["batch_size"], args["warmup"],
+                                    args["repeats"], args["rss"], log=log)
     result["meta"] = {"command": "python -m vision_ft bench diffusion " + " ".join(argv),
                       "settings": {**args, "rank": a.rank}, "threads": torch.get_num_threads(),
                       "wall_s": time.time() - started, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
     from ..io import atomic_write_text
 
     atomic_write_text(Path(a.out) / "bench_diffusion.json", json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1) if a.json else report(result))
+    if a.json:
+        print(json.dumps(result, indent=1))
+    else:
+        parts = ([report(result)] if "rows" in result else []) + ([video.report(result["video"])] if "video" in result
+                                                                   else [])
+        print("\n\n".join(parts))
     return 0
 
 
