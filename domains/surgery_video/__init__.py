@@ -3,6 +3,7 @@
     python -m vision_ft fit --config domains/surgery_video.yaml      # CONFIG below
     python -m domains.surgery_video.sample OUT_DIR                   # the synthetic sample alone
     python -m vision_ft fit --config domains/surgery_video_generation.yaml   # continue a clip (Wan + TIC-FT)
+    python -m vision_ft fit --config domains/surgery_video_captioning.yaml   # caption clips (Qwen2.5-VL + Q-Adapter)
 
 Names are imported lazily: ``import domains.surgery_video`` loads nothing heavy until a name is used.
 """
@@ -26,6 +27,7 @@ _EXPORTS = {
     "labels_to_ranges": ".formats", "ranges_to_labels": ".formats",
     "write_sample": ".sample", "SAMPLE_SPLITS": ".sample",
     "SurgeryClipPairs": ".generation_data", "write_clip_pairs": ".generation_data",
+    "SurgeryCaptionData": ".captioning_data", "write_caption_sample": ".captioning_data",
 }
 __all__ = sorted([*_EXPORTS, "CONFIG"])
 

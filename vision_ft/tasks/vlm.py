@@ -48,6 +48,8 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         max_new_tokens: generation length at test / predict time (greedy).
         point_radius: a predicted point within this many original-image pixels of a true object's centre is a hit.
         draw_limit: grounding answers drawn as PNG (true boxes green, answers red) in ``<run>/grounding/``.
+        caption_metrics: the caption metrics of records with ``references`` (``bleu4``, ``meteor``, ``rouge_l``,
+            ``cider``); METEOR starts a Java program (several seconds) on every test.
         (see :class:`BaseTask` for backbone, method and optimiser arguments)
     """
 
@@ -62,6 +64,7 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         max_new_tokens: int = 64,
         point_radius: float = 10.0,
         draw_limit: int = 8,
+        caption_metrics: list[str] | None = None,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         head_lr: float | None = None,
@@ -87,6 +90,12 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
                 p.requires_grad_(True)
         self._collect_trained_keys()
         self.point_radius, self.draw_limit = point_radius, draw_limit
+        from ..metrics.captioning import METRICS
+
+        self.caption_metrics_names = list(caption_metrics or METRICS)
+        unknown = sorted(set(self.caption_metrics_names) - set(METRICS))
+        if unknown:
+            raise ConfigError(f"model.init_args.caption_metrics: unknown {unknown}; choose from {list(METRICS)}")
         self._records: list[dict[str, Any]] = []
         self._image_of: dict[str, Path] = {}
 
@@ -99,7 +108,8 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
 
     def task_metadata(self) -> dict[str, Any]:
         args = dict(train_full=self.train_full, part_lr=self.part_lr, max_new_tokens=self.max_new_tokens,
-                    point_radius=self.point_radius, draw_limit=self.draw_limit)
+                    point_radius=self.point_radius, draw_limit=self.draw_limit,
+                    caption_metrics=self.caption_metrics_names)
         return {"chat_template": self.backbone.tokenizer.chat_template, "trainable_report": self.trainable_report(),
                 "task_args": args}
 
@@ -225,11 +235,13 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
             last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
             reference = "".join(p.get("text", "") for p in conv.messages[last]["content"])
             record = {"source": conv.source, "prompt": " | ".join(
-                "".join(p.get("text", "<image>") for p in m["content"]) for m in conv.messages
+                "".join(p.get("text", f"<{p['type']}>") for p in m["content"]) for m in conv.messages
                 if m["role"] == "user"), "reference": reference, "answer": answer,
                 "exact": normalise_answer(answer) == normalise_answer(reference)}
             if conv.grounding is not None and conv.images:
                 record["grounding"] = {**conv.grounding, "parsed": self.in_original_pixels(answer, conv)}
+            if conv.references is not None:
+                record["references"] = list(conv.references)
             records.append(record)
         return records
 
@@ -282,6 +294,23 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
             self.log("test/count", float(n))
             for key, value in self.grounding_metrics(self._records).items():
                 self.log(f"test/{key}", value)
+            for key, value in self.caption_metrics(self._records).items():
+                self.log(f"test/{key}", value)
+
+    def caption_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """BLEU-4, METEOR, ROUGE-L and CIDEr of the answers of records with ``references`` (captioning), each
+        answer against all its references (:func:`vision_ft.metrics.captioning.caption_scores`)."""
+        from ..metrics.captioning import caption_scores
+
+        captioned = [r for r in records if r.get("references")]
+        if not captioned:
+            return {}
+        result = caption_scores({i: r["answer"] for i, r in enumerate(captioned)},
+                                {i: r["references"] for i, r in enumerate(captioned)},
+                                metrics=self.caption_metrics_names)
+        if result["skipped"]:
+            rank_zero_info(f"[vision_ft] caption metrics skipped: {result['skipped']}")
+        return {k: float(v) for k, v in result.items() if k in ("bleu4", "meteor", "rouge_l", "cider")}
 
     def grounding_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """count MAE, point accuracy, box mAP, mean best IoU and unparsed answers of the grounding records."""
