@@ -25,7 +25,7 @@ from vision_ft.methods import registered, sites
 METHODS = sorted(n for n, c in registered().items()
                  if not c.requires_data and (not c.requires_text_tower or c.provides_text_features))
 NAMES = ["a cat", "an x-ray"]
-TEXTLESS = ("timm", "dfine", "llama", "phi3", "unet")
+TEXTLESS = ("timm", "dfine", "llama", "phi3", "unet", "wan")
 
 #: pairs that must be refused, with a phrase of the reason the error gives
 REFUSED = {
@@ -34,10 +34,11 @@ REFUSED = {
     ("dfine", "ssf"): "no final token norm",  # SSF's paper placement ends on the final norm
     ("llama", "ssf"): "no patch-embedding stem",
     ("phi3", "ssf"): "no patch-embedding stem",
+    ("wan", "ssf"): "has no weight to adapt",  # Wan's block and output norms are not affine
     **{(f, "coop"): "needs a CLIP backbone with a text tower" for f in TEXTLESS},
 }
 #: families without a fused qkv: HF peft LoRA targets the separate q and v projections there
-SEPARATE_QKV = {"hf_clip", "dfine", "llama", "unet"}
+SEPARATE_QKV = {"hf_clip", "dfine", "llama", "unet", "wan"}
 
 
 def _config(family: str, name: str) -> dict:

@@ -195,3 +195,16 @@ def test_two_step_fit_writes_lora_samples_and_a_moving_adapter(tmp_path):
 
     frames, _ = decode_video(run / "samples" / "final_0.mp4")
     assert frames.shape[0] == 4 and frames.shape[1:3] == (32, 32)  # the target frames only
+
+
+@pytest.mark.parametrize("preset", ["wan_test_tiny", "cogvideox_test_tiny"])
+def test_methods_command_counts_on_the_video_presets(preset, capsys):
+    import json
+
+    from vision_ft.cli import main
+
+    assert main(["methods", "--backbone", preset, "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["tic_ft"]["trainable_params"] == rows["lora"]["trainable_params"] > 0  # its adapter's count
+    assert rows["ssf"]["trainable_params"] is None and rows["ssf"]["error"]
+    assert rows["full"]["trainable_params"] > rows["lora"]["trainable_params"]

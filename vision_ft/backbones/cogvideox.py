@@ -186,7 +186,10 @@ class CogVideoX(Backbone):
         return ["q", "k", "v", "proj"]
 
     def norms(self, block: int) -> dict[str, nn.Module]:
-        return {}
+        raise ConfigError("CogVideoX's block norms are adaptive (LayerNormZero: one norm applied to the text and "
+                          "the video tokens separately, with timestep-dependent gates), so methods placed after a "
+                          "block norm (ssf, adaptformer, mosa) do not apply; use lora (or another method on the "
+                          "attention / feed-forward linears) (model.init_args.method)")
 
     def stem(self) -> nn.Module:
         return self.model.patch_embed.proj

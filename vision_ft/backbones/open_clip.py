@@ -365,13 +365,22 @@ def build_backbone_for_counts(name: str) -> Backbone:
     an open_clip model name or tiny preset gives :class:`OpenCLIP`, a transformers CLIP/SigLIP tiny preset
     or known hub id (``openai/clip-vit-base-patch16``, ``google/siglip-base-patch16-224``...) ``HFCLIP``,
     a Stable Diffusion preset or known hub id (``sd_test_tiny``, ``stable-diffusion-v1-5/stable-diffusion-v1-5``)
-    ``StableDiffusion``, anything else ``TimmViT``."""
+    ``StableDiffusion``, a video diffusion preset (``wan_test_tiny``, ``cogvideox_test_tiny``) ``WanVideo`` /
+    ``CogVideoX``, anything else ``TimmViT``."""
     import open_clip
 
     from .stable_diffusion import StableDiffusion, is_sd_name
 
     if is_sd_name(name):
         return StableDiffusion(name)
+    from .cogvideox import TINY_PRESETS as COGVIDEOX_PRESETS
+    from .video_diffusion import TINY_PRESETS as WAN_PRESETS
+
+    if name in WAN_PRESETS or name in COGVIDEOX_PRESETS:  # video diffusion presets (hub ids need a download)
+        from .cogvideox import CogVideoX
+        from .video_diffusion import WanVideo
+
+        return WanVideo(name) if name in WAN_PRESETS else CogVideoX(name)
     from .causal_lm_presets import TINY_LM_PRESETS
 
     if name in TINY_LM_PRESETS:  # causal LM presets (hub ids of language models need a download)

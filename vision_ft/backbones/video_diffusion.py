@@ -267,8 +267,10 @@ class WanVideo(Backbone):
         return roles
 
     def norms(self, block: int) -> dict[str, nn.Module]:
+        """The norms before the self-attention (``norm1``) and the feed-forward (``norm3``), the ViT block's
+        ``norm1`` / ``norm2``; Wan's cross-attention norm sits between them."""
         b = self.blocks[block]
-        return {"norm2": b.norm2} if isinstance(b.norm2, nn.LayerNorm) else {}
+        return {"norm1": b.norm1, "norm2": b.norm3}
 
     def stem(self) -> nn.Module:
         return self.model.patch_embedding

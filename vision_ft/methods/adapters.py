@@ -127,9 +127,14 @@ def _check_dropout(dropout: float) -> None:
         raise ConfigError(f"{_KEY}.dropout must be in [0, 1), got {dropout!r}")
 
 
-def _like(module: nn.Module, ref: nn.Module) -> nn.Module:
-    """``module`` on the device / dtype of ``ref``, in its train / eval mode."""
-    p = next(ref.parameters())
+def _like(module: nn.Module, ref: nn.Module, fallback: nn.Module | None = None) -> nn.Module:
+    """``module`` on the device / dtype of ``ref`` (of ``fallback`` where ``ref`` has no parameters, as Wan's
+    non-affine norms), in ``ref``'s train / eval mode."""
+    p = next(ref.parameters(), None)
+    if p is None and fallback is not None:
+        p = next(fallback.parameters(), None)
+    if p is None:
+        return module.train(ref.training)
     return module.to(device=p.device, dtype=p.dtype).train(ref.training)
 
 
@@ -268,7 +273,7 @@ class AdaptFormer(Method):
     def apply(self, backbone: Backbone) -> None:
         for i, block in enumerate(backbone.blocks):
             norm2 = backbone.norms(i)["norm2"]
-            adapter = _like(self.make_adapter(backbone.block_width(i), i), norm2)
+            adapter = _like(self.make_adapter(backbone.block_width(i), i), norm2, block)
             block.add_module(self.adapter_name, adapter)
             norm2.register_forward_hook(partial(_capture_hook, adapter))
             block.register_forward_hook(partial(_parallel_hook, adapter))
