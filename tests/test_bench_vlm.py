@@ -51,3 +51,19 @@ def test_bad_options_are_clear_errors():
         cmd_vlm(["--quick", "--backbone", "llava_test_tiny"])
     with pytest.raises(ConfigError, match="batch-size"):
         cmd_vlm(["--quick", "--batch-size", "0"])
+
+
+def test_video_run_compares_q_adapter_with_lora_on_the_same_video_batch(tmp_path, capsys):
+    pytest.importorskip("av")
+    assert cmd_vlm(["--quick", "--video", "--json", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads((tmp_path / "bench_vlm_video.json").read_text())
+    rows, model = result["rows"], result["model"]
+    assert set(rows) == {"lora", "lora_plain", "q_adapter", "q_adapter_lora"}
+    assert model["input"] == "video" and model["image_tokens_per_step"] > 0
+    assert rows["q_adapter_lora"]["trainable"] == rows["q_adapter"]["trainable"] + rows["lora"]["trainable"]
+    assert rows["q_adapter"]["trainable"] == 2 * (16 * 32 + 4 * 32 * 16 + 1)  # 2 blocks, width 32, d = 16
+    for name in ("q_adapter", "q_adapter_lora"):  # not mergeable: inference measured against the base model
+        r = rows[name]
+        assert r["infer_s"] > 0 and r["infer_vs_base"] == pytest.approx(r["infer_s"] / model["base_infer_s"])
+    assert "infer_s" not in rows["lora"]  # LoRA merges: no inference cost to measure
