@@ -208,3 +208,19 @@ def test_methods_command_counts_on_the_video_presets(preset, capsys):
     assert rows["tic_ft"]["trainable_params"] == rows["lora"]["trainable_params"] > 0  # its adapter's count
     assert rows["ssf"]["trainable_params"] is None and rows["ssf"]["error"]
     assert rows["full"]["trainable_params"] > rows["lora"]["trainable_params"]
+
+
+def test_bf16_weights_keep_the_trainable_tensors_fp32_and_train(tmp_path):
+    import lightning as L
+
+    task = _task(lr=1e-2, num_samples=0, cache=True)  # one VAE encode per clip: bf16 convolutions are slow on CPU
+    before = {n: p.detach().clone() for n, p in task.backbone.model.named_parameters() if p.requires_grad}
+    loader = torch.utils.data.DataLoader(_pairs(2), batch_size=2)
+    L.Trainer(max_steps=2, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+              precision="bf16-true", enable_model_summary=False, enable_checkpointing=False,
+              limit_val_batches=0).fit(task, train_dataloaders=loader)
+    trainable = {n: p for n, p in task.backbone.model.named_parameters() if p.requires_grad}
+    frozen = next(p for n, p in task.backbone.model.named_parameters() if n.endswith("attn1.to_q.base_layer.weight"))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainable.values())
+    assert frozen.dtype == torch.bfloat16
+    assert any(not torch.equal(before[n], p.detach()) for n, p in trainable.items())

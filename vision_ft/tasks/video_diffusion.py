@@ -121,7 +121,8 @@ class VideoDiffusionTask(BaseTask):
         b = self.backbone
         if not self.cache:
             return b.encode_video(frames, sample=sample)
-        keys = [hashlib.sha1(clip.detach().cpu().numpy().tobytes()).hexdigest() for clip in frames]
+        keys = [hashlib.sha1(clip.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                for clip in frames]  # the bytes of any dtype (bf16 has no numpy twin)
         missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
         if missing:
             mean, std = b.posterior(frames[missing])
