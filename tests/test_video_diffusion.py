@@ -224,3 +224,26 @@ def test_bf16_weights_keep_the_trainable_tensors_fp32_and_train(tmp_path):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainable.values())
     assert frozen.dtype == torch.bfloat16
     assert any(not torch.equal(before[n], p.detach()) for n, p in trainable.items())
+
+
+def test_resume_puts_the_lora_factors_back(tmp_path):
+    """The lean checkpoint holds only the LoRA factors (not the frozen transformer) and resuming restores them
+    (the diffusers LoRA scripts' resume bug, #12689)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(root, steps, **kw):
+        return L.Trainer(max_steps=steps, default_root_dir=str(root), logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, **kw)
+
+    loader = torch.utils.data.DataLoader(_pairs(2), batch_size=2)
+    torch.manual_seed(0)
+    task = _task(lr=1e-2, num_samples=0, cache=True)
+    trainer(tmp_path, 2, callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)]).fit(task, loader)
+    trained = {k: v.clone() for k, v in task.backbone.model.state_dict().items() if "lora_" in k}
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {f"backbone.model.{k}" for k in trained} == set(saved)
+    fresh = _task(lr=1e-2, num_samples=0, cache=True)
+    trainer(tmp_path / "r", 2).fit(fresh, loader, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    for k, v in trained.items():
+        assert torch.equal(fresh.backbone.model.state_dict()[k], v), k
