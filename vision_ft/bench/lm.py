@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .side_by_side import add_common_options, finish, goal, goal_lines, peak_in_fresh_process, settings
 
 METHODS = ("lora", "qlora", "full")
 GOALS = {"lora_step_vs_full": 0.75, "qlora_weight_bytes_vs_fp32": 0.3}
@@ -154,26 +153,17 @@ def run(methods: list[str], backbone: str, rank: int, batch_size: int, seq_len: 
 
 
 def _peak_in_fresh_process(name: str, backbone: str, rank: int, batch_size: int, seq_len: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "vision_ft.bench.lm", "--child", name, "--backbone", backbone, "--rank", str(rank),
-           "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"peak_error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    return peak_in_fresh_process("vision_ft.bench.lm", ["--child", name, "--backbone", backbone, "--rank", str(rank),
+                                                         "--batch-size", str(batch_size), "--seq-len", str(seq_len)])
 
 
 def goals(rows: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "lora" in rows and "full" in rows:
-        ratio = rows["lora"]["step_s"] / rows["full"]["step_s"]
-        out["lora_step_vs_full"] = {"value": ratio, "goal": GOALS["lora_step_vs_full"],
-                                    "met": ratio <= GOALS["lora_step_vs_full"]}
+        out["lora_step_vs_full"] = goal(rows["lora"]["step_s"] / rows["full"]["step_s"], GOALS["lora_step_vs_full"])
     if "qlora" in rows:
-        ratio = rows["qlora"]["quantised_bytes"] / rows["qlora"]["fp32_bytes"]
-        out["qlora_weight_bytes_vs_fp32"] = {"value": ratio, "goal": GOALS["qlora_weight_bytes_vs_fp32"],
-                                             "met": ratio <= GOALS["qlora_weight_bytes_vs_fp32"]}
+        out["qlora_weight_bytes_vs_fp32"] = goal(rows["qlora"]["quantised_bytes"] / rows["qlora"]["fp32_bytes"],
+                                                 GOALS["qlora_weight_bytes_vs_fp32"])
     return out
 
 
@@ -193,8 +183,7 @@ def report(result: dict[str, Any]) -> str:
         q = rows["qlora"]
         lines.append(f"qlora 4-bit layers: {q['quantised_bytes'] / 2**20:.1f} MB vs {q['fp32_bytes'] / 2**20:.1f} MB "
                      f"in fp32 ({q['quantised_bytes'] / q['fp32_bytes']:.3f}x)")
-    for key, g in result["goals"].items():
-        lines.append(f"goal {key}: {g['value']:.3f} (<= {g['goal']}) {'met' if g['met'] else 'MISSED'}")
+    lines += goal_lines(result["goals"])
     return "\n".join(lines)
 
 
@@ -205,18 +194,10 @@ def cmd_lm(argv: list[str]) -> int:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank), all projections")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
-    p.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="skip fresh-process peak memory")
-    p.add_argument("--out", default="runs/bench", help="folder for bench_lm.json")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--quick", action="store_true", help="tiny model, one timed round, no fresh processes")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_common_options(p, "bench_lm.json")
     a = p.parse_args(argv)
-    quick = dict(backbone="llama_test_tiny", batch_size=2, seq_len=32, warmup=1, repeats=1, rss=False)
-    full = dict(backbone="llama_bench_mid", batch_size=4, seq_len=128, warmup=1, repeats=3, rss=True)
-    preset = quick if a.quick else full
-    args = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in preset.items()}
+    args = settings(a, quick=dict(backbone="llama_test_tiny", batch_size=2, seq_len=32, warmup=1, repeats=1, rss=False),
+                    full=dict(backbone="llama_bench_mid", batch_size=4, seq_len=128, warmup=1, repeats=3, rss=True))
     if args["batch_size"] < 1 or args["seq_len"] < 2 or args["repeats"] < 1 or a.rank < 1:
         raise ConfigError("bench lm: --batch-size, --rank and --repeats must be >= 1, --seq-len >= 2")
     if a.child:
@@ -226,14 +207,8 @@ def cmd_lm(argv: list[str]) -> int:
     started = time.time()
     result = run(a.methods, args["backbone"], a.rank, args["batch_size"], args["seq_len"], args["warmup"],
                  args["repeats"], args["rss"], log=log)
-    result["meta"] = {"command": "python -m vision_ft bench lm " + " ".join(argv), "settings": {**args, "rank": a.rank},
-                      "threads": torch.get_num_threads(), "wall_s": time.time() - started,
-                      "load_average_end": [round(x, 2) for x in os.getloadavg()]}
-    from ..io import atomic_write_text
-
-    atomic_write_text(Path(a.out) / "bench_lm.json", json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1) if a.json else report(result))
-    return 0
+    return finish(result, argv, "lm", {**args, "rank": a.rank}, started, Path(a.out) / "bench_lm.json", a.json,
+                  report(result) if not a.json else "")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .lm import goals as lm_goals
 from .lm import persistent_bytes, quantised_bytes
+from .side_by_side import add_common_options, finish, goal, goal_lines, peak_in_fresh_process, settings
 
 METHODS = ("lora", "qlora", "full", "q_adapter", "q_adapter_lora")
 #: methods with a transformers + peft twin driven by a plain loop
@@ -255,29 +255,15 @@ def measure_peak(method: str, backbone: str, rank: int, batch_size: int, seq_len
 
 def _peak_in_fresh_process(name: str, backbone: str, rank: int, batch_size: int, seq_len: int,
                            video: bool = False) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "vision_ft.bench.vlm", "--child", name, "--backbone", backbone, "--rank", str(rank),
-           "--batch-size", str(batch_size), "--seq-len", str(seq_len), *(["--video"] if video else [])]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                          timeout=1800)
-    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"peak_error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    return peak_in_fresh_process("vision_ft.bench.vlm", [
+        "--child", name, "--backbone", backbone, "--rank", str(rank), "--batch-size", str(batch_size),
+        "--seq-len", str(seq_len), *(["--video"] if video else [])])
 
 
 def goals(rows: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def goal(key: str, value: float, limit: float) -> None:
-        out[key] = {"value": value, "goal": limit, "met": value <= limit}
-
-    if "lora" in rows and "full" in rows:
-        goal("lora_step_vs_full", rows["lora"]["step_s"] / rows["full"]["step_s"], GOALS["lora_step_vs_full"])
-    if "qlora" in rows:
-        goal("qlora_weight_bytes_vs_fp32", rows["qlora"]["quantised_bytes"] / rows["qlora"]["fp32_bytes"],
-             GOALS["qlora_weight_bytes_vs_fp32"])
+    out = lm_goals(rows)
     for name in [n for n in rows if f"{n}_plain" in rows]:
-        goal(f"{name}_kit_vs_plain", rows[name]["step_s"] / rows[f"{name}_plain"]["step_s"], GOALS["kit_vs_plain"])
+        out[f"{name}_kit_vs_plain"] = goal(rows[name]["step_s"] / rows[f"{name}_plain"]["step_s"], GOALS["kit_vs_plain"])
     return out
 
 
@@ -302,8 +288,7 @@ def report(result: dict[str, Any]) -> str:
         q = rows["qlora"]
         lines.append(f"qlora 4-bit layers: {q['quantised_bytes'] / 2**20:.1f} MB vs {q['fp32_bytes'] / 2**20:.1f} MB "
                      f"in fp32 ({q['quantised_bytes'] / q['fp32_bytes']:.3f}x)")
-    for key, g in result["goals"].items():
-        lines.append(f"goal {key}: {g['value']:.3f} (<= {g['goal']}) {'met' if g['met'] else 'MISSED'}")
+    lines += goal_lines(result["goals"])
     return "\n".join(lines)
 
 
@@ -316,17 +301,11 @@ def cmd_vlm(argv: list[str]) -> int:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank), every language-model projection")
     p.add_argument("--batch-size", type=int, default=None, help="conversations per step (default 2)")
     p.add_argument("--seq-len", type=int, default=None, help="reply tokens per conversation (default 128)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
-    p.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="skip fresh-process peak memory")
-    p.add_argument("--out", default="runs/bench", help="folder for bench_vlm.json")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--quick", action="store_true", help="tiny model, one timed round, no fresh processes")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_common_options(p, "bench_vlm.json (bench_vlm_video.json with --video)")
     a = p.parse_args(argv)
-    quick = dict(backbone="qwen2_5_vl_test_tiny", batch_size=2, seq_len=16, warmup=1, repeats=1, rss=False)
-    full = dict(backbone="qwen2_5_vl_bench_mid", batch_size=2, seq_len=128, warmup=1, repeats=3, rss=True)
-    args = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in (quick if a.quick else full).items()}
+    args = settings(a, quick=dict(backbone="qwen2_5_vl_test_tiny", batch_size=2, seq_len=16, warmup=1, repeats=1,
+                                  rss=False),
+                    full=dict(backbone="qwen2_5_vl_bench_mid", batch_size=2, seq_len=128, warmup=1, repeats=3, rss=True))
     from ..backbones.vlm_presets import TINY_VLM_PRESETS
 
     if not re.match(r"qwen", TINY_VLM_PRESETS.get(args["backbone"], "")):
@@ -343,15 +322,9 @@ def cmd_vlm(argv: list[str]) -> int:
     started = time.time()
     result = run(methods, args["backbone"], a.rank, args["batch_size"], args["seq_len"], args["warmup"],
                  args["repeats"], args["rss"], log=log, video=a.video)
-    result["meta"] = {"command": "python -m vision_ft bench vlm " + " ".join(argv),
-                      "settings": {**args, "rank": a.rank}, "threads": torch.get_num_threads(),
-                      "wall_s": time.time() - started, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
-    from ..io import atomic_write_text
-
-    atomic_write_text(Path(a.out) / ("bench_vlm_video.json" if a.video else "bench_vlm.json"),
-                      json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1) if a.json else report(result))
-    return 0
+    name = "bench_vlm_video.json" if a.video else "bench_vlm.json"
+    return finish(result, argv, "vlm", {**args, "rank": a.rank, "methods": methods, "video": a.video}, started,
+                  Path(a.out) / name, a.json, report(result) if not a.json else "")
 
 
 if __name__ == "__main__":
