@@ -197,3 +197,21 @@ def test_two_step_fit_with_tic_ft_writes_the_lora_file(tmp_path):
     assert any(not torch.equal(v, after[n]) for n, v in before.items())
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "samples" / "final_0.mp4").is_file()
+
+
+def test_rotary_layout_of_the_5b_model_samples_as_the_pipeline(monkeypatch):
+    """CogVideoX-5b uses 3-D rotary position embeddings: the kit's sampler builds them as the pipeline does."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    from vision_ft.backbones import CogVideoX, cogvideox
+
+    tiny = cogvideox.TINY_PRESETS["cogvideox_test_tiny"]
+    monkeypatch.setitem(cogvideox.TINY_PRESETS, "cogvideox_test_rope", {
+        **tiny, "transformer": dict(tiny["transformer"], use_rotary_positional_embeddings=True, attention_head_dim=16)})
+    b = CogVideoX("cogvideox_test_rope")
+    latents = torch.randn(1, *b.latent_shape(3), generator=torch.Generator().manual_seed(0))
+    ours = b.sample(latents.clone(), b.encode_text([PROMPT]), 3)
+    pipe = b.pipeline(scheduler=CogVideoXDDIMScheduler.from_config(b.scheduler.config))
+    theirs = pipe(PROMPT, height=32, width=32, num_frames=9, num_inference_steps=3, guidance_scale=1.0,
+                  use_dynamic_cfg=False, latents=latents.clone(), output_type="latent", max_sequence_length=16).frames
+    assert b.model.config.use_rotary_positional_embeddings and torch.allclose(ours, theirs, atol=1e-6)
