@@ -10,7 +10,7 @@ as ``folder_fps`` frames per second). :func:`sample_video` picks frames evenly o
 - which: ``round(linspace(0, N - 1, n))`` of the N decoded frames, so the first and last frames are in.
 
 Only the chosen frames are kept: a file is decoded forward from the keyframe before the first chosen frame
-to the last chosen one (:class:`~vision_ft.data.video.VideoFrames`), so a long video never sits in memory.
+to the last chosen one (:class:`~vision_ft.data.video_io.VideoFrames`), so a long video never sits in memory.
 The frames go to the processor with ``do_sample_frames=False`` and the video's metadata (native frame rate,
 chosen indices), from which the processor derives what each family needs: Qwen2.5-VL's seconds per temporal
 patch, Qwen3-VL's per-frame timestamps; each processor then resizes by its own pixel rules (Qwen3-VL's budget
