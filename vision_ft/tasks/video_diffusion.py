@@ -230,6 +230,9 @@ class VideoDiffusionTask(BaseTask):
         """Frames (N, F, 3, H, W) in [0, 1]: the target part (or the whole clip) sampled for each prompt."""
         b = self.backbone
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts) or (condition is not None and condition.shape[0] != len(prompts)):
+            raise ConfigError(f"generate: {len(prompts)} prompts need as many seeds and condition clips (got "
+                              f"{len(seeds)} and {'none' if condition is None else condition.shape[0]})")
         device = next(b.model.parameters()).device
         context, total = self.clip_frames(0 if condition is None else condition.shape[1], target_frames)
         plan = self.plan(context, total)
