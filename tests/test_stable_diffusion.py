@@ -233,8 +233,9 @@ def test_resume_reloads_the_lora_weights(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
 def test_half_precision_keeps_trainable_tensors_fp32(tmp_path, precision):
-    """fp16 / bf16 weights with the trainable tensors kept fp32 (no fp16 gradients to unscale); the LoRA moves."""
-    task = _task(lr=1e-2)
+    """fp16 / bf16 weights with the trainable tensors kept fp32 (no fp16 gradients to unscale); the LoRA moves;
+    the encoder cache keys half-precision batches (bf16 has no numpy dtype)."""
+    task = _task(lr=1e-2, cache=True)
     before = {n: p.detach().clone() for n, p in task.backbone.model.named_parameters() if p.requires_grad}
     _trainer(tmp_path, 2, precision=precision).fit(task, train_dataloaders=_Data(4).train_dataloader())
     trainable = {n: p for n, p in task.backbone.model.named_parameters() if p.requires_grad}

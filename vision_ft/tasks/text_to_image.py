@@ -134,7 +134,8 @@ class TextToImageTask(BaseTask):
         vae = self.backbone.vae
         if not self.cache:
             return self.backbone.encode_images(images, sample=sample)
-        keys = [hashlib.sha1(img.detach().cpu().numpy().tobytes()).hexdigest() for img in images]
+        keys = [hashlib.sha1(img.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                for img in images]  # the bytes of any dtype (bf16-true batches have no numpy twin)
         missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
         if missing:
             with torch.no_grad():
