@@ -16,7 +16,8 @@ from vision_ft.errors import ConfigError
 from vision_ft.methods import registered
 
 # the bench measures image classification on a timm ViT: methods that need a CLIP text tower are skipped
-METHODS = sorted(n for n, cls in registered().items() if not getattr(cls, "requires_text_tower", False))
+METHODS = sorted(n for n, cls in registered().items()
+                 if not getattr(cls, "requires_text_tower", False) and not cls.needs_in_context_task)
 SKIPPED = sorted(set(registered()) - set(METHODS))
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -129,6 +129,8 @@ def test_every_config_fragment_stacks_on_the_medical_config(fragment, tmp_path, 
         pytest.skip("GPU-only trainer fragment (FSDP/DeepSpeed); runs where a GPU is present")
     if "requires: clip" in text:  # prompt methods need a CLIP task + backbone
         config = (str(ROOT / "domains" / "clip_few_shot.yaml"), fragment)
+    elif "requires: video" in text:  # in-context methods need the video diffusion task
+        config = (str(ROOT / "domains" / "surgery_video_generation.yaml"), fragment)
     else:
         config = (MEDICAL, TINY, fragment) if "backbones/" not in fragment else (MEDICAL, fragment)
     try:

@@ -17,7 +17,8 @@ from vision_ft.methods import Method, registered
 TASKS = sorted((Path(__file__).resolve().parents[1] / "vision_ft" / "tasks").glob("*.py"))
 HOOKS = ("set_class_names", "class_text_features", "training_loss", "ood_scores", "id_logits", "adjust_loss",
          "regularizer", "prepare", "on_train_end")
-TIMM_METHODS = sorted(n for n, cls in registered().items() if not cls.requires_text_tower)
+TIMM_METHODS = sorted(n for n, cls in registered().items() if not cls.requires_text_tower
+                      and not cls.needs_in_context_task)
 CLIP_METHODS = sorted(n for n, cls in registered().items() if cls.requires_text_tower)
 
 
@@ -108,6 +109,7 @@ def test_declared_defaults_mean_the_tasks_own_behaviour():
     assert m.regularizer({}, None) == {} and m.adjust_loss(loss := torch.tensor(1.0), {}, None) is loss
     assert not (m.requires_text_tower or m.trains_base_weights or m.provides_text_features or m.requires_data)
     assert m.trains_own_tensors and not m.adds_tensors and not m.needs_image_classification_task
+    assert not m.needs_in_context_task
     assert m.class_names is None and m.frozen_base_weights == frozenset()
     m.set_class_names(("cat", "dog"))
     assert m.class_names == ["cat", "dog"]

@@ -192,3 +192,15 @@ def test_trainable_saved_and_lora_layers_are_the_adapters():
     assert set(task.method.lora_layers(task.backbone)) == set(lora.lora_layers(plain))
     assert set(task.method.adapter_state_dict(task.backbone)) == set(lora.adapter_state_dict(plain))
     assert len(ours) == 2 * 8 * task.backbone.num_blocks  # A and B on to_q/k/v/out.0 of both attentions
+
+
+@pytest.mark.parametrize("task", ["classification", "vlm"])
+def test_tasks_that_do_not_place_frames_refuse_tic_ft_instead_of_running_its_adapter_alone(task):
+    from vision_ft.backbones import TimmViT, VisionLanguageModel
+    from vision_ft.tasks import ImageClassificationTask, VisionLanguageSFTTask
+
+    with pytest.raises(ConfigError, match="needs vision_ft.tasks.VideoDiffusionTask"):
+        if task == "classification":
+            ImageClassificationTask(TimmViT("vit_test_tiny"), method="tic_ft", num_classes=3)
+        else:
+            VisionLanguageSFTTask(VisionLanguageModel("qwen2_5_vl_test_tiny"), method="tic_ft")

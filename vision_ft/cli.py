@@ -143,6 +143,7 @@ def cmd_methods(argv: list[str]) -> int:
         rows.append({"name": name, "trainable_params": count, "data_dependent": cls.requires_data,
                      "mergeable": cls.mergeable, "zero_init": cls.zero_init,
                      "image_classification_only": method.needs_image_classification_task,
+                     "video_diffusion_only": cls.needs_in_context_task,
                      "class_path": f"{cls.__module__}.{cls.__qualname__}"})
     if a.json:
         print(json.dumps(rows, indent=2))
@@ -157,6 +158,7 @@ def cmd_methods(argv: list[str]) -> int:
             n = r["trainable_params"] or 0
             star = "*" if r["data_dependent"] else " "
             only = "  (image classification task only)" if r["image_classification_only"] else ""
+            only = "  (video diffusion task only)" if r["video_diffusion_only"] else only
             print(f"{r['name']:<12} {n:>12,}{star}{100 * n / total:>9.3f}%  {str(r['mergeable']):<9}  {r['zero_init']}{only}")
         if any(r["data_dependent"] for r in rows):
             print("* decided from training data in prepare(); the planned budget is shown")

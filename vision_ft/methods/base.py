@@ -97,6 +97,9 @@ class Method:
     #: needs a CLIP backbone with a text tower and a task with a text head (the CLIP tasks: CoOp,
     #: Local-Prompt); other tasks refuse the method by this flag
     requires_text_tower: ClassVar[bool] = False
+    #: needs a task that places condition / buffer / target frames by :meth:`in_context_plan` (the video
+    #: diffusion task: TIC-FT); other tasks refuse the method by this flag instead of running its adapter alone
+    needs_in_context_task: ClassVar[bool] = False
     #: whether the backbone's own weights train (full fine-tuning, DR-Tune): read by
     #: :meth:`is_trainable`, and by tasks with their own freeze policy (detection: ``freeze: none``)
     trains_base_weights: ClassVar[bool] = False

@@ -29,8 +29,9 @@ level space the paper writes them in.
 TIC-FT changes the noising and the loss, not the weights: the weights are trained by ``adapter``, any
 registered method (default ``lora``; the paper: LoRA r = alpha = 128 on ``to_q, to_k, to_v, to_out.0``,
 ``configs/methods/tic_ft.yaml``). Everything about tensors (what trains, what is saved, merge, the diffusers
-LoRA file) is the adapter's, so ``tic_ft`` merges and exports exactly as its adapter does. Outside a video
-diffusion task (which calls :meth:`in_context_plan`) it is its adapter alone.
+LoRA file) is the adapter's, so ``tic_ft`` merges and exports exactly as its adapter does. Tasks that do not
+place frames by :meth:`in_context_plan` refuse it (``needs_in_context_task``) rather than train the adapter
+alone under another name.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TICFT(Method):
     """
 
     name = "tic_ft"
+    needs_in_context_task = True
     #: the class declares the default adapter (LoRA): mergeable, zero at init; an instance takes its
     #: adapter's flags and prefix
     mergeable = True

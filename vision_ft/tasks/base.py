@@ -71,6 +71,8 @@ class BaseTask(SavedStateMixin, EMAMixin, NonFiniteMixin, RankSafetyMixin, pl.Li
     #: image batches, one normalised image per logits row in ``outputs["inputs"]``, a linear ``head`` on
     #: pooled features: what methods with ``needs_image_classification_task`` read
     is_image_classification: ClassVar[bool] = False
+    #: noising, loss and sampling follow the method's ``in_context_plan`` (what ``needs_in_context_task`` needs)
+    runs_in_context: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -113,6 +115,10 @@ class BaseTask(SavedStateMixin, EMAMixin, NonFiniteMixin, RankSafetyMixin, pl.Li
             raise ConfigError(f"method {m.name!r} needs a CLIP backbone with a text tower and a task with a text head "
                               f"(vision_ft.tasks.CLIPClassificationTask or CLIPOODTask); {task} has none "
                               "(model.class_path / model.init_args.method)")
+        if m.needs_in_context_task and not self.runs_in_context:
+            raise ConfigError(f"method {m.name!r} places condition, buffer and target frames on a video model's time "
+                              f"axis and needs vision_ft.tasks.VideoDiffusionTask; {task} would train its adapter "
+                              "alone: use the adapter itself (model.init_args.method: lora)")
         if m.needs_image_classification_task and not self.is_image_classification:
             raise ConfigError(f"method {m.name!r} needs image batches and an image classification head "
                               f"(ImageClassificationTask); {task} has neither: use another method "

@@ -61,6 +61,8 @@ class VideoDiffusionTask(BaseTask):
         fps: frame rate of the written MP4s.
     """
 
+    runs_in_context = True
+
     task_name = "video_diffusion"
 
     def __init__(
