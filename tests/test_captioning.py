@@ -473,3 +473,22 @@ def test_write_jsonl_keeps_unicode_and_one_record_per_line(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert "café" in text and text.count("\n") == 2
     assert [json.loads(x) for x in text.splitlines()] == recs
+
+
+def test_records_of_every_rank_are_gathered_once_each(monkeypatch):
+    """Under DDP the test answers of all ranks are scored together (CIDEr's document frequencies are corpus
+    level), and the samples a distributed sampler repeats to pad the last batch count once."""
+    import torch.distributed as dist
+
+    from vision_ft.tasks.gather import gather_records
+
+    ranks = [[{"source": "f:1", "answer": "a"}, {"source": "f:3", "answer": "c"}],
+             [{"source": "f:2", "answer": "b"}, {"source": "f:1", "answer": "a"}]]  # f:1 repeated as padding
+
+    def fake_all_gather_object(parts, mine):
+        parts[:] = ranks
+
+    monkeypatch.setattr(dist, "all_gather_object", fake_all_gather_object)
+    got = gather_records(2, ranks[0], "source")
+    assert [r["source"] for r in got] == ["f:1", "f:3", "f:2"]
+    assert gather_records(1, ranks[1], "source") is ranks[1]

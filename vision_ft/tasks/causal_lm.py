@@ -192,19 +192,9 @@ class CausalLMSFTTask(BaseTask):
         self._mcq_done = records
 
     def _gather(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.trainer.world_size == 1:
-            return records
-        import torch.distributed as dist
+        from .gather import gather_records
 
-        parts: list[Any] = [None] * self.trainer.world_size
-        dist.all_gather_object(parts, records)
-        seen, out = set(), []
-        for part in parts:  # a distributed sampler pads by repeating items: keep each question once
-            for r in part:
-                if r["id"] not in seen:
-                    seen.add(r["id"])
-                    out.append(r)
-        return out
+        return gather_records(self.trainer.world_size, records, "id")
 
     def on_test_end(self) -> None:
         records = getattr(self, "_mcq_done", None)

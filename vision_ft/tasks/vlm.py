@@ -288,14 +288,22 @@ class VisionLanguageSFTTask(TrainedPartsMixin, BaseTask):
         self._check_generation_strategy()
 
     def on_test_epoch_end(self) -> None:
+        from .gather import gather_records
+
+        # every rank's answers, each conversation once: captioning's CIDEr and box mAP are corpus-level
+        self._records = gather_records(self.trainer.world_size, self._records, "source")
+        if self.trainer.world_size > 1:
+            paths = gather_records(self.trainer.world_size, [{"source": s, "image": str(p)}
+                                                             for s, p in self._image_of.items()], "source")
+            self._image_of = {r["source"]: Path(r["image"]) for r in paths}
         if self._records:
             n = len(self._records)
-            self.log("test/exact_match", sum(r["exact"] for r in self._records) / n)
-            self.log("test/count", float(n))
+            self.log("test/exact_match", sum(r["exact"] for r in self._records) / n, rank_zero_only=True)
+            self.log("test/count", float(n), rank_zero_only=True)
             for key, value in self.grounding_metrics(self._records).items():
-                self.log(f"test/{key}", value)
+                self.log(f"test/{key}", value, rank_zero_only=True)
             for key, value in self.caption_metrics(self._records).items():
-                self.log(f"test/{key}", value)
+                self.log(f"test/{key}", value, rank_zero_only=True)
 
     def caption_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """BLEU-4, METEOR, ROUGE-L and CIDEr of the answers of records with ``references`` (captioning), each
