@@ -58,3 +58,23 @@ def test_main_command_beats_the_untrained_models_cider(tmp_path):
     untrained = {k: float(v) for r in rows for k, v in r.items() if k.startswith("test/") and v}
     assert {"test/bleu4", "test/rouge_l", "test/cider"} <= set(trained) and "test/meteor" not in trained
     assert trained["test/cider"] > untrained["test/cider"] + 0.05, (trained, untrained)
+
+
+@pytest.mark.slow  # about a minute on 2 shared cores
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
+def test_two_gloo_ranks_score_every_clip_once(tmp_path):
+    """Each rank answers its shard (the sampler pads 7 clips to 8); the metrics and predictions.jsonl hold the
+    union, each clip once."""
+    from test_reliability import _subprocess
+
+    args = ["fit", "--config", CONFIG, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            f"--data.init_args.sample_dir={tmp_path / 'sample'}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu", "--trainer.devices=2",
+            "--trainer.strategy=ddp", "--trainer.max_epochs=1", "--model.init_args.caption_metrics=[bleu4, cider]"]
+    proc = _subprocess(args, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = sorted((tmp_path / "runs" / "surgery_video_captioning").glob("version_*"))[-1]
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["source"] for p in preds) == sorted({p["source"] for p in preds}) and len(preds) == 7
+    assert _metrics(run)["test/count"] == 7.0
