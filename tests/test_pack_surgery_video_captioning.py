@@ -78,3 +78,34 @@ def test_two_gloo_ranks_score_every_clip_once(tmp_path):
     preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
     assert sorted(p["source"] for p in preds) == sorted({p["source"] for p in preds}) and len(preds) == 7
     assert _metrics(run)["test/count"] == 7.0
+
+
+def test_resume_of_q_adapter_with_lora_matches_an_uninterrupted_run(tmp_path):
+    """Interrupted after epoch 2 of 3 and resumed from last.ckpt: the queries, gates and LoRA factors end where an
+    uninterrupted run ends (video batches, the vision-language task's checkpoint and RNG state)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vision_ft.cli import main
+
+    def fit(root, *extra):
+        return main(["fit", "--config", CONFIG, f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+                     f"--data.init_args.sample_dir={tmp_path / 'sample'}", "--data.init_args.n_train=7",
+                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                     "--trainer.max_epochs=3", "--trainer.limit_val_batches=1", "--test_after_fit=false",
+                     "--trainer.deterministic=true", *extra])
+
+    def run_dir(root):
+        return sorted((root / "runs" / "surgery_video_captioning").glob("version_*"))[-1]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert fit(a) == 0
+    stop = '--trainer.callbacks+={"class_path": "test_cli.StopAfterEpoch", "init_args": {"epoch": 2}}'
+    assert fit(b, stop) == 0
+    last = run_dir(b) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True, map_location="cpu")["epoch"] == 1
+    assert fit(b, f"--ckpt_path={last}") == 0
+    wa, wb = load_file(run_dir(a) / "adapter.safetensors"), load_file(run_dir(b) / "adapter.safetensors")
+    assert any("q_adapter_" in k for k in wa) and any("lora_" in k for k in wa) and wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
