@@ -147,3 +147,41 @@ def test_fits_cutouts_are_decoded_and_preprocessed_as_the_fits_data_did(tmp_path
     assert main(["predict", str(tmp_path / "run"), "--images", str(tmp_path / "fits_sample" / "fits")]) == 0
     rows = _read(tmp_path / "run" / "predictions.csv")
     assert len(rows) == len(list((tmp_path / "fits_sample" / "fits").glob("*.fits")))
+
+
+@pytest.mark.parametrize("window", ["lung", [40.0, 400.0]])
+def test_dicom_files_are_read_with_the_runs_window_at_prediction(tmp_path, window):
+    """A run on a DICOM manifest records a reader with its window, percentiles and frame choice: predict_images
+    and `predict --images` on .dcm files feed the model what the DICOM data fed it in training."""
+    pytest.importorskip("pydicom")
+    from domains.medical.dicom_sample import write_dicom_sample
+    from vision_ft.backbones import TimmViT
+    from vision_ft.data import to_tensor
+    from vision_ft.data.medical import DicomManifestData
+    from vision_ft.export import save_adapter
+    from vision_ft.tasks import ImageClassificationTask
+
+    root = write_dicom_sample(tmp_path / "dcm", n_patients=4, n_slices=3)
+    data = DicomManifestData(manifest=str(root / "manifest.csv"), window=window, image_size=32,
+                             split_file=str(tmp_path / "split.json"))
+    task = ImageClassificationTask(TimmViT("vit_test_tiny"), method="ssf", num_classes=data.num_classes,
+                                   class_names=data.class_names)
+    task.input_transform_spec = data.input_transform()  # what setup("fit") records
+    json.dumps(task.input_transform_spec)  # it travels in adapter.json
+    save_adapter(task, tmp_path / "run")
+    files = sorted(root.rglob("*.dcm"))
+    model = vision_ft.load_adapter(tmp_path / "run")
+    got = torch.tensor([[r["probs"][n] for n in data.class_names] for r in model.predict_images(files)])
+    samples, _ = data._all_samples()  # the training reader, on the same files
+    by_key = {samples.keys[i]: i for i in range(len(samples.keys))}
+    with torch.no_grad():
+        x = torch.stack([to_tensor(samples.read(by_key[f.relative_to(root).as_posix()]), 32) for f in files])
+        expected = model(x).softmax(-1)
+    assert torch.allclose(got, expected, atol=1e-5)
+    other = vision_ft.load_adapter(tmp_path / "run")
+    other.input_transform_spec = None  # without the recorded reader PIL cannot open a .dcm at all
+    with pytest.raises(Exception):
+        other.predict_images(files[:1])
+    assert main(["predict", str(tmp_path / "run"), "--images", str(root)]) == 0
+    rows = _read(tmp_path / "run" / "predictions.csv")
+    assert len(rows) == len(files)

@@ -218,7 +218,9 @@ class ClassificationData(SplitLoaders, L.LightningDataModule):
         ``array -> array``. The task records it with the run (``adapter.json``, checkpoints), so inference
         (``load_adapter(run).predict_images``, ``predict --images``) feeds the model what training did.
         An optional ``"readers": {".fits": "package.module.function"}`` names, by file suffix, how to decode
-        files PIL cannot read (``function(path) -> array``). ``None`` (default): nothing beyond decoding."""
+        files PIL cannot read (``function(path) -> array``, or ``{"class_path", "init_args"}`` of a callable
+        reader configured like the data, e.g. a DICOM window); a spec may hold readers alone. ``None``
+        (default): nothing beyond decoding."""
         return None
 
     # ---- splits ---------------------------------------------------------------------

@@ -276,18 +276,24 @@ class ImageClassificationTask(BaseTask):
     def input_transform(self) -> Callable[[np.ndarray], np.ndarray] | None:
         """The recorded raw-image transform, built from its spec (``None`` when the run has none)."""
         spec = self.input_transform_spec
-        if not spec:
+        if not spec or "class_path" not in spec:  # nothing, or file readers only
             return None
         from ..export import import_class
 
         return import_class(spec["class_path"])(**spec.get("init_args", {}))
 
     def input_readers(self) -> dict[str, Callable[[Path], np.ndarray]]:
-        """Decoders by file suffix the run's data recorded (FITS for the radio pack); PIL reads the rest."""
+        """Decoders by file suffix the run's data recorded (FITS for the radio pack: a function; DICOM: a
+        configured reader ``{class_path, init_args}`` with the run's window); PIL reads the rest."""
         from ..export import import_class
 
+        def build(reader: str | dict[str, Any]) -> Callable[[Path], np.ndarray]:
+            if isinstance(reader, str):
+                return import_class(reader)
+            return import_class(reader["class_path"])(**reader.get("init_args", {}))
+
         spec = self.input_transform_spec or {}
-        return {suffix.lower(): import_class(path) for suffix, path in (spec.get("readers") or {}).items()}
+        return {suffix.lower(): build(reader) for suffix, reader in (spec.get("readers") or {}).items()}
 
     # --- artifacts -----------------------------------------------------------------------
     def export_native(self, out_dir: str | Path) -> Path:

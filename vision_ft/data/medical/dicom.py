@@ -282,3 +282,23 @@ def read_frame(source: DicomSource, k: int, window, percentiles: Sequence[float]
         return to_display(frames[index], ds, window, percentiles)
     except DataError as e:
         raise DataError(f"{file}: {e}") from e
+
+
+class DicomReader:
+    """A DICOM file (or series folder) -> the displayed frame a :class:`~vision_ft.data.medical.DicomManifestData`
+    run trained on: same window, percentiles and frame choice (``middle`` or an index; ``all`` reads the
+    middle frame). Recorded with the run, so ``predict --images *.dcm`` and ``load_adapter(run).predict_images``
+    feed the model what training did."""
+
+    def __init__(self, window: str | list[float] = "file", percentiles: Sequence[float] = (0.5, 99.5),
+                 frame: str | int = "middle") -> None:
+        from .windowing import resolve_window
+
+        self.window = resolve_window(window if isinstance(window, str) else list(window))
+        self.percentiles = tuple(percentiles)
+        self.frame = "middle" if frame == "all" else frame
+
+    def __call__(self, path: Path) -> np.ndarray:
+        source = open_source(Path(path))
+        image = read_frame(source, pick_frames(source.n_frames, self.frame)[0], self.window, self.percentiles)
+        return image[..., None] if image.ndim == 2 else image

@@ -26,6 +26,9 @@ from .windowing import check_percentiles, resolve_window
 log = logging.getLogger("vision_ft")
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
 class DicomSamples(Samples):
     """Frames of DICOM sources; ``records`` holds the chosen metadata of each sample (no names, no private tags)."""
 
@@ -156,6 +159,14 @@ class DicomManifestData(PatientSplitData):
         samples = DicomSamples(self.root, sources, items, np.asarray(labels, dtype=np.int64), records,
                                self.window, self.percentiles)
         return samples, patients
+
+    def input_transform(self) -> dict:
+        """Prediction reads ``.dcm`` files (and series folders given by path) as this data does: the same
+        window, percentiles and frame (see :class:`~vision_ft.data.medical.dicom.DicomReader`)."""
+        window = list(self.window) if isinstance(self.window, tuple) else self.window
+        reader = {"class_path": "vision_ft.data.medical.dicom.DicomReader",
+                  "init_args": {"window": window, "percentiles": list(self.percentiles), "frame": self.frames}}
+        return {"readers": {suffix: reader for suffix in DICOM_SUFFIXES}}
 
     def _identity(self) -> dict:
         return {"name": self.manifest.stem, "type": type(self).__name__, "source": str(self.manifest.resolve())}
