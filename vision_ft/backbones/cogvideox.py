@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BackboneError, ConfigError, first_line
+from ..errors import ConfigError
+from ._diffusers import build_parts, check_pipeline_folder, load_error
 from .base import Backbone, WeightRef
 from .video_diffusion import latent_frame_count, video_to_vae_input, write_lora_file
 
@@ -110,31 +111,13 @@ class CogVideoX(Backbone):
 
     # --- loading ----------------------------------------------------------------------------------
     def _build(self):
-        if self.checkpoint:
-            self.weights_source = f"pipeline folder {self.checkpoint}"
-            return self._load(str(Path(self.checkpoint).expanduser()), "backbone.init_args.checkpoint")
-        if self.pretrained:
-            if self.name in TINY_PRESETS:
-                raise ConfigError(f"{self.name!r} is a random tiny preset with no pretrained weights "
-                                  "(backbone.init_args.pretrained=false)")
-            self.weights_source = f"pretrained {self.name} (hub)"
-            return self._load(self.name, "backbone.init_args.pretrained")
-        if self.name in TINY_PRESETS:
-            self.weights_source = ("randomly initialised tiny preset (no pretrained weights offline; set "
-                                   "backbone.init_args.checkpoint=<CogVideoX pipeline folder> or "
-                                   "backbone.init_args.pretrained=true with name=<hub id> and hub access)")
-            return self._tiny(TINY_PRESETS[self.name])
-        raise BackboneError(f"backbone.init_args.name={self.name!r} is not a tiny preset ({list(TINY_PRESETS)}); "
-                            "set backbone.init_args.checkpoint=<CogVideoX pipeline folder> or "
-                            f"backbone.init_args.pretrained=true with a hub id such as {HUB_IDS[0]!r} (hub access)")
+        return build_parts(self, "CogVideoX", TINY_PRESETS, self._load, self._tiny, HUB_IDS[0])
 
     def _load(self, source: str, key: str):
         from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
         from transformers import AutoTokenizer, T5EncoderModel
 
-        if key.endswith("checkpoint") and not (Path(source) / "model_index.json").is_file():
-            raise BackboneError(f"{key}={source!r} is not a diffusers pipeline folder (no model_index.json); "
-                                "write one with CogVideoXPipeline.save_pretrained or `export --merge`")
+        check_pipeline_folder(source, key, "CogVideoXPipeline")
         try:
             transformer = CogVideoXTransformer3DModel.from_pretrained(source, subfolder="transformer")
             vae = AutoencoderKLCogVideoX.from_pretrained(source, subfolder="vae")
@@ -142,9 +125,7 @@ class CogVideoX(Backbone):
             tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
             scheduler = CogVideoXDDIMScheduler.from_pretrained(source, subfolder="scheduler")
         except Exception as e:  # noqa: BLE001 - offline, missing parts, wrong id: one clear error
-            raise BackboneError(f"cannot load CogVideoX from {source!r} ({first_line(e, root_cause=True)}). Offline, "
-                                "set backbone.init_args.checkpoint=<local pipeline folder>; or keep "
-                                "backbone.init_args.pretrained=true with hub access") from None
+            raise load_error("CogVideoX", source, e) from None
         return transformer, vae, text, tokenizer, scheduler, (480, 720)
 
     def _tiny(self, cfg: dict[str, Any]):

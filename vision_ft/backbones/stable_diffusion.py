@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BackboneError, ConfigError, first_line
+from ..errors import ConfigError
+from ._diffusers import build_parts, check_pipeline_folder, load_error
 from .base import Backbone, WeightRef
 
 log = logging.getLogger("vision_ft")
@@ -125,38 +126,20 @@ class StableDiffusion(Backbone):
 
     # --- loading ----------------------------------------------------------------------------------
     def _build(self) -> tuple[nn.Module, nn.Module, nn.Module, Any, Any]:
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            raise BackboneError("Stable Diffusion needs diffusers: pip install 'vision_ft[diffusion]'") from None
-        if self.checkpoint:
-            self.weights_source = f"pipeline folder {self.checkpoint}"
-            return self._load(str(Path(self.checkpoint).expanduser()), "backbone.init_args.checkpoint")
-        if self.pretrained:
-            if self.name in TINY_PRESETS:
-                raise ConfigError(f"{self.name!r} is a random tiny preset with no pretrained weights "
-                                  "(backbone.init_args.pretrained=false)")
-            self.weights_source = f"pretrained {self.name} (hub)"
-            return self._load(self.name, "backbone.init_args.pretrained")
-        if self.name in TINY_PRESETS:
-            self.weights_source = ("randomly initialised tiny preset (no pretrained weights offline; set "
-                                   "backbone.init_args.checkpoint=<pipeline folder> or backbone.init_args.pretrained=true "
-                                   "with name=<hub id> and hub access)")
-            return self._tiny(TINY_PRESETS[self.name])
-        if self.name in KNOWN_UNETS:
+        def known() -> Any:
+            if self.name not in KNOWN_UNETS:
+                return None
             self.weights_source = "randomly initialised (architecture only)"
             return self._known(self.name)
-        raise BackboneError(f"backbone.init_args.name={self.name!r} is neither a tiny preset ({list(TINY_PRESETS)}) nor a "
-                            "known architecture; set backbone.init_args.checkpoint=<pipeline folder> or "
-                            "backbone.init_args.pretrained=true (hub access)")
+
+        return build_parts(self, "Stable Diffusion", TINY_PRESETS, self._load, self._tiny,
+                           "stable-diffusion-v1-5/stable-diffusion-v1-5", fallback=known)
 
     def _load(self, source: str, key: str):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        if key.endswith("checkpoint") and not (Path(source) / "model_index.json").is_file():
-            raise BackboneError(f"{key}={source!r} is not a diffusers pipeline folder (no model_index.json); "
-                                "write one with StableDiffusionPipeline.save_pretrained or `export --merge`")
+        check_pipeline_folder(source, key, "StableDiffusionPipeline")
         try:
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
@@ -164,9 +147,7 @@ class StableDiffusion(Backbone):
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
             scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
         except Exception as e:  # noqa: BLE001 - offline, missing parts, wrong id: one clear error
-            raise BackboneError(f"cannot load Stable Diffusion from {source!r} ({first_line(e, root_cause=True)}). "
-                                "Offline, set backbone.init_args.checkpoint=<local pipeline folder>; or keep "
-                                "backbone.init_args.pretrained=true with hub access") from None
+            raise load_error("Stable Diffusion", source, e) from None
         return unet, vae, text, tokenizer, scheduler
 
     def _tiny(self, cfg: dict[str, Any]):
