@@ -17,10 +17,12 @@ _CHECKPOINT, _PRETRAINED = "backbone.init_args.checkpoint", "backbone.init_args.
 
 
 def build_parts(backbone: Any, family: str, presets: Mapping[str, Any], load: Callable[[str, str], Any],
-                tiny: Callable[[Any], Any], example: str, fallback: Callable[[], Any] | None = None) -> Any:
+                tiny: Callable[[Any], Any], example: str, fallback: Callable[[], Any] | None = None,
+                also: str = "") -> Any:
     """The parts of ``backbone`` (which has ``name``, ``pretrained``, ``checkpoint``; ``weights_source`` is set
     here): ``load(source, key)`` for a folder or hub id, ``tiny(preset)`` for a preset, ``fallback()`` (``None``:
-    not applicable) before the error. ``example``: a hub id to name in the error."""
+    not applicable) before the error. ``example``: a hub id to name in the error; ``also``: what else the
+    fallback accepts, for the error."""
     try:
         import diffusers  # noqa: F401
     except ImportError:
@@ -43,7 +45,7 @@ def build_parts(backbone: Any, family: str, presets: Mapping[str, Any], load: Ca
         parts = fallback()
         if parts is not None:
             return parts
-    raise BackboneError(f"backbone.init_args.name={backbone.name!r} is not a tiny preset ({list(presets)}); set "
+    raise BackboneError(f"backbone.init_args.name={backbone.name!r} is not a tiny preset ({list(presets)}){also}; set "
                         f"{_CHECKPOINT}=<{family} pipeline folder> or {_PRETRAINED}=true with a hub id such as "
                         f"{example!r} (hub access)")
 

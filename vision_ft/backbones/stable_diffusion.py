@@ -133,7 +133,8 @@ class StableDiffusion(Backbone):
             return self._known(self.name)
 
         return build_parts(self, "Stable Diffusion", TINY_PRESETS, self._load, self._tiny,
-                           "stable-diffusion-v1-5/stable-diffusion-v1-5", fallback=known)
+                           "stable-diffusion-v1-5/stable-diffusion-v1-5", fallback=known,
+                           also=f" nor a known architecture ({list(KNOWN_UNETS)})")
 
     def _load(self, source: str, key: str):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
