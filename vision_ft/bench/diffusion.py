@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .side_by_side import goal_lines, peak_in_fresh_process
 
 METHODS = ("lora", "sara", "full")
 GOALS = {"lora_step_vs_full": 0.75, "sara_optimizer_bytes_vs_12x": 1.2}
@@ -92,22 +92,12 @@ def state_bytes(sd: Any, method: Any, opt: torch.optim.Optimizer) -> dict[str, i
 
 def measure_peak(method: str, backbone: str, rank: int, batch_size: int, steps: int) -> dict[str, Any]:
     """In this (fresh) process: peak RSS over ``steps`` training steps minus the RSS after building."""
-    from .memory import _reset_peak, _rss_bytes, _Sampler, _status_kib
+    from .memory import steps_peak
 
     sd, m = build(method, backbone, rank)
     latents, text = _batch(sd, batch_size)
     opt = _optimizer(sd)
-    base = _rss_bytes()
-    if _reset_peak():
-        for _ in range(steps):
-            step(sd, m, opt, latents, text)
-        peak = (_status_kib("VmHWM") or 0) * 1024
-    else:
-        with _Sampler() as sampler:
-            for _ in range(steps):
-                step(sd, m, opt, latents, text)
-        peak = sampler.peak
-    return {"peak_bytes": int(peak - base)}
+    return steps_peak(lambda: step(sd, m, opt, latents, text), steps)
 
 
 def run(methods: list[str], backbone: str, rank: int, batch_size: int, warmup: int, repeats: int, rss: bool,
@@ -145,14 +135,9 @@ def run(methods: list[str], backbone: str, rank: int, batch_size: int, warmup: i
 
 
 def _peak_in_fresh_process(name: str, backbone: str, rank: int, batch_size: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "vision_ft.bench.diffusion", "--child", name, "--backbone", backbone,
-           "--rank", str(rank), "--batch-size", str(batch_size)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
-    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"peak_error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    return peak_in_fresh_process("vision_ft.bench.diffusion", [
+        "--child", name, "--backbone", backbone, "--rank", str(rank), "--batch-size", str(batch_size)],
+        env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
 
 
 def goals(rows: dict[str, Any]) -> dict[str, Any]:
@@ -184,8 +169,7 @@ def report(result: dict[str, Any]) -> str:
         peak = f"{r['peak_bytes'] / mb:.0f}" if "peak_bytes" in r else "-"
         lines.append(f"{name:<6} {r['step_s']:>8.3f} {ratio:>7} {r['trainable']:>12,} {r['trainable_bytes'] / mb:>10.1f} "
                      f"{r['optimizer_moment_bytes'] / mb:>9.1f} {r['method_buffer_bytes'] / mb:>10.1f} {peak:>8}")
-    for key, g in result["goals"].items():
-        lines.append(f"goal {key}: {g['value']:.3f} (<= {g['goal']}) {'met' if g['met'] else 'MISSED'}")
+    lines += goal_lines(result["goals"])
     return "\n".join(lines)
 
 

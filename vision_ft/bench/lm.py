@@ -97,22 +97,12 @@ def persistent_bytes(lm: Any) -> dict[str, int]:
 
 def measure_peak(method: str, backbone: str, rank: int, batch_size: int, seq_len: int, steps: int) -> dict[str, Any]:
     """In this (fresh) process: peak RSS over ``steps`` training steps minus the RSS after building."""
-    from .memory import _reset_peak, _rss_bytes, _Sampler, _status_kib
+    from .memory import steps_peak
 
     lm, _ = build(method, backbone, rank)
     ids, labels = _batch(lm, batch_size, seq_len)
     opt = _optimizer(lm)
-    base = _rss_bytes()
-    if _reset_peak():
-        for _ in range(steps):
-            step(lm, opt, ids, labels)
-        peak = (_status_kib("VmHWM") or 0) * 1024
-    else:
-        with _Sampler() as sampler:
-            for _ in range(steps):
-                step(lm, opt, ids, labels)
-        peak = sampler.peak
-    return {"peak_bytes": int(peak - base)}
+    return steps_peak(lambda: step(lm, opt, ids, labels), steps)
 
 
 def run(methods: list[str], backbone: str, rank: int, batch_size: int, seq_len: int, warmup: int, repeats: int,

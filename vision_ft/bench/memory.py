@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -92,6 +92,27 @@ class _Sampler:
         self.peak = max(self.peak, _rss_bytes())
 
 
+def peak_during(run: Callable[[], Any]) -> tuple[int, str]:
+    """Peak RSS while ``run()`` executes minus the RSS just before it, in this process, and how it was measured
+    (the kernel's mark when a probe shows it tracks, else a 1 ms RSS sampler)."""
+    base = _rss_bytes()
+    if _reset_peak():
+        run()
+        return int((_status_kib("VmHWM") or 0) * 1024 - base), "VmHWM after clear_refs"
+    with _Sampler() as sampler:
+        run()
+    return int(sampler.peak - base), "RSS sampled every 1 ms"
+
+
+def steps_peak(step: Callable[[], Any], steps: int) -> dict[str, int]:
+    """``{"peak_bytes"}`` of ``steps`` calls of ``step`` (the family benchmarks' fresh-process children)."""
+    def run() -> None:
+        for _ in range(steps):
+            step()
+
+    return {"peak_bytes": peak_during(run)[0]}
+
+
 def build_for_memory(spec: Any, settings: Any, cache: Any) -> Any:
     """The model to measure: a :class:`MethodSpec` through the registry, or a peft twin dict."""
     from .common import MethodSpec, build_task
@@ -122,19 +143,14 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     opt = optimizer_for(task)
     task.train()
     base = _rss_bytes()
-    how = "VmHWM after clear_refs"
-    if _reset_peak():
+
+    def run() -> None:
         with quiet_logging():
             for _ in range(settings.rss_steps):
                 train_step(task, batch, opt)
-        peak = (_status_kib("VmHWM") or 0) * 1024
-    else:
-        how = "RSS sampled every 1 ms"
-        with _Sampler() as sampler, quiet_logging():
-            for _ in range(settings.rss_steps):
-                train_step(task, batch, opt)
-        peak = sampler.peak
-    return {"peak_bytes": int(peak - base), "baseline_bytes": int(base), "how": f"peak RSS ({how}) - RSS after build"}
+
+    peak, how = peak_during(run)
+    return {"peak_bytes": peak, "baseline_bytes": int(base), "how": f"peak RSS ({how}) - RSS after build"}
 
 
 def main(argv: list[str] | None = None) -> int:

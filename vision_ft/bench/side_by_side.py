@@ -31,10 +31,11 @@ def settings(a: argparse.Namespace, quick: dict[str, Any], full: dict[str, Any])
     return {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in (quick if a.quick else full).items()}
 
 
-def peak_in_fresh_process(module: str, args: list[str]) -> dict[str, Any]:
-    """Run ``python -m module args`` (a ``--child`` measurement) and read the JSON line it prints."""
+def peak_in_fresh_process(module: str, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m module args`` (a ``--child`` measurement; ``env`` added to this environment) and read the
+    JSON line it prints."""
     done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=1800)
     lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"peak_error": (done.stderr.strip().splitlines() or ["no output"])[-1]}

@@ -15,15 +15,12 @@ peak memory is measured per row in a fresh process (peak RSS during the steps mi
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import torch
+from .side_by_side import goal_lines, peak_in_fresh_process
 
 ROWS = ("lora", "tic_ft_b0", "tic_ft_b1", "tic_ft_b3")
 GOAL = 1.05
@@ -69,22 +66,12 @@ def step(task: Any, opt: torch.optim.Optimizer, latents: torch.Tensor, text: tor
 
 def measure_peak(row: str, backbone: str, rank: int, batch_size: int, steps: int) -> dict[str, Any]:
     """In this (fresh) process: peak RSS over ``steps`` steps minus the RSS after building."""
-    from .memory import _reset_peak, _rss_bytes, _Sampler, _status_kib
+    from .memory import steps_peak
 
     task = build(row, backbone, rank)
     latents, text = _batch(task, batch_size)
     opt = _optimizer(task)
-    base = _rss_bytes()
-    if _reset_peak():
-        for _ in range(steps):
-            step(task, opt, latents, text)
-        peak = (_status_kib("VmHWM") or 0) * 1024
-    else:
-        with _Sampler() as sampler:
-            for _ in range(steps):
-                step(task, opt, latents, text)
-        peak = sampler.peak
-    return {"peak_bytes": int(peak - base)}
+    return steps_peak(lambda: step(task, opt, latents, text), steps)
 
 
 def run(backbone: str, rank: int, batch_size: int, warmup: int, repeats: int, rss: bool,
@@ -126,14 +113,9 @@ def run(backbone: str, rank: int, batch_size: int, warmup: int, repeats: int, rs
 
 
 def _peak_in_fresh_process(row: str, backbone: str, rank: int, batch_size: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "vision_ft.bench.diffusion", "--child-video", row, "--video-backbone", backbone,
-           "--rank", str(rank), "--batch-size", str(batch_size)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
-    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"peak_error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    return peak_in_fresh_process("vision_ft.bench.diffusion", [
+        "--child-video", row, "--video-backbone", backbone, "--rank", str(rank), "--batch-size", str(batch_size)],
+        env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
 
 
 def report(result: dict[str, Any]) -> str:
@@ -147,6 +129,5 @@ def report(result: dict[str, Any]) -> str:
         layout = "/".join(str(x) for x in r["layout"])
         lines.append(f"{name:<10} {layout:>8} {r['step_s']:>8.3f} {r['step_s'] / base:>7.2f} {r['trainable']:>10,} "
                      f"{peak:>8}")
-    for key, g in result["goals"].items():
-        lines.append(f"goal {key}: {g['value']:.3f} (<= {g['goal']}) {'met' if g['met'] else 'MISSED'}")
+    lines += goal_lines(result["goals"])
     return "\n".join(lines)

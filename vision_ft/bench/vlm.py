@@ -233,24 +233,14 @@ def run(methods: list[str], backbone: str, rank: int, batch_size: int, seq_len: 
 
 def measure_peak(method: str, backbone: str, rank: int, batch_size: int, seq_len: int, steps: int,
                  video: bool = False) -> dict[str, Any]:
-    from .memory import _reset_peak, _rss_bytes, _Sampler, _status_kib
+    from .memory import steps_peak
 
     task = build_kit(method, backbone, rank)
     with tempfile.TemporaryDirectory() as tmp:
         batch = make_batch(task.processor, conversations(Path(tmp), batch_size, seq_len, task.processor.tokenizer,
                                                          video=video))
     opt = torch.optim.AdamW(_trainables(task), lr=1e-5)
-    base = _rss_bytes()
-    if _reset_peak():
-        for _ in range(steps):
-            kit_step(task, opt, batch)
-        peak = (_status_kib("VmHWM") or 0) * 1024
-    else:
-        with _Sampler() as sampler:
-            for _ in range(steps):
-                kit_step(task, opt, batch)
-        peak = sampler.peak
-    return {"peak_bytes": int(peak - base)}
+    return steps_peak(lambda: kit_step(task, opt, batch), steps)
 
 
 def _peak_in_fresh_process(name: str, backbone: str, rank: int, batch_size: int, seq_len: int,
