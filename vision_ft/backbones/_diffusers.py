@@ -61,3 +61,12 @@ def load_error(family: str, source: str, error: Exception) -> BackboneError:
     """One clear error for a pipeline that cannot be loaded (offline, a missing part, a wrong id)."""
     return BackboneError(f"cannot load {family} from {source!r} ({first_line(error, root_cause=True)}). Offline, "
                          f"set {_CHECKPOINT}=<local pipeline folder>; or keep {_PRETRAINED}=true with hub access")
+
+
+def frame_size(height: int, width: int, multiple: int, spatial_factor: int) -> tuple[int, int]:
+    """A video backbone's frame size, each side a multiple of the VAE's spatial factor x the patch size."""
+    for key, value in (("height", int(height)), ("width", int(width))):
+        if value % multiple:
+            raise ConfigError(f"backbone.init_args.{key}={value} must be a multiple of {multiple} (the VAE's "
+                              f"spatial factor {spatial_factor} x the transformer's patch size)")
+    return int(height), int(width)

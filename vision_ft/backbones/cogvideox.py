@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._diffusers import build_parts, check_pipeline_folder, load_error
+from ._diffusers import build_parts, check_pipeline_folder, frame_size, load_error
 from .base import Backbone, WeightRef
 from .video_diffusion import latent_frame_count, video_to_vae_input, write_lora_file
 
@@ -103,11 +103,7 @@ class CogVideoX(Backbone):
         self.spatial_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.max_sequence_length = int(self.model.config.max_text_seq_length)
         multiple = self.spatial_factor * int(self.model.config.patch_size)
-        self.height, self.width = int(height or size[0]), int(width or size[1])
-        for key, value in (("height", self.height), ("width", self.width)):
-            if value % multiple:
-                raise ConfigError(f"backbone.init_args.{key}={value} must be a multiple of {multiple} (the VAE's "
-                                  f"spatial factor {self.spatial_factor} x the transformer's patch size)")
+        self.height, self.width = frame_size(height or size[0], width or size[1], multiple, self.spatial_factor)
 
     # --- loading ----------------------------------------------------------------------------------
     def _build(self):

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._diffusers import build_parts, check_pipeline_folder, load_error
+from ._diffusers import build_parts, check_pipeline_folder, frame_size, load_error
 from .base import Backbone, WeightRef
 
 log = logging.getLogger("vision_ft")
@@ -171,11 +171,7 @@ class WanVideo(Backbone):
         self.temporal_factor = int(self.vae.config.scale_factor_temporal)
         self.spatial_factor = int(self.vae.config.scale_factor_spatial)
         multiple = self.spatial_factor * int(self.model.config.patch_size[1])
-        self.height, self.width = int(height or size[0]), int(width or size[1])
-        for key, value in (("height", self.height), ("width", self.width)):
-            if value % multiple:
-                raise ConfigError(f"backbone.init_args.{key}={value} must be a multiple of {multiple} (the VAE's "
-                                  f"spatial factor {self.spatial_factor} x the transformer's patch size)")
+        self.height, self.width = frame_size(height or size[0], width or size[1], multiple, self.spatial_factor)
 
     # --- loading ----------------------------------------------------------------------------------
     def _build(self):
